@@ -1,0 +1,36 @@
+//! What every vhost-user daemon in this workspace shares: the command-line conventions of QEMU's
+//! vhost-user backends, logging, signal handling, the listen / accept / re-listen loop with
+//! systemd socket activation and readiness, and bounds-checked access to descriptor chains.
+
+pub mod caps;
+pub mod chain;
+pub mod cli;
+pub mod logging;
+pub mod serve;
+pub mod signals;
+
+pub use cli::{ListenArgs, ListenConfig, ListenSource};
+pub use serve::{bind, serve, BoundListener, DaemonBackend};
+
+/// Guest memory as the rust-vmm backend crates hand it to a backend (no dirty-page bitmap).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+/// The atomically swappable view of guest memory the frontend updates with SET_MEM_TABLE.
+pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;
+
+/// A fresh `(consumer, notifier)` eventfd pair for `VhostUserBackend::exit_event`.
+///
+/// Each worker thread needs its own pair: the library registers the consumer in that thread's
+/// epoll and `serve` fires the notifier when the frontend leaves, so the workers can be joined.
+pub fn exit_event_pair() -> Option<(
+    vmm_sys_util::event::EventConsumer,
+    vmm_sys_util::event::EventNotifier,
+)> {
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
+    match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            log::error!("cannot create a worker exit eventfd: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The listening socket and the accept / serve / re-accept loop.
+//!
+//! The socket is bound once. A `VhostUserDaemon` cannot be reused after its frontend leaves, so
+//! each connection gets a fresh daemon and a fresh backend on the same listener: a VMM that
+//! reconnects (guest reboot, QEMU restart with `reconnect=1`) finds the path it knows, and the
+//! path is never unlinked and re-bound under it.
+
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::stat::{umask, Mode};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
+
+use crate::cli::{ListenConfig, ListenSource};
+use crate::{GuestMemory, GuestMemoryAtomic};
+
+/// Errors setting up or running the listener, each worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{path}: another process is already serving this socket; stop it or choose another --socket-path")]
+    InUse { path: PathBuf },
+    #[error("{path}: exists and is not a socket; remove it or choose another --socket-path")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "{path}: cannot bind the socket: {source} (does the directory exist and is it writable?)"
+    )]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("{path}: cannot set the socket's mode or group: {source}")]
+    Permissions { path: PathBuf, source: io::Error },
+    #[error("--fd {fd}: not a listening UNIX socket ({reason}); pass the descriptor of a socket in listen state")]
+    BadFd { fd: RawFd, reason: String },
+    #[error("cannot create the vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("cannot create the device backend: {0}")]
+    Backend(io::Error),
+    #[error("accepting a frontend connection failed: {0}")]
+    Accept(String),
+}
+
+/// A listening socket, and the path to remove at exit if we created it.
+pub struct BoundListener {
+    listener: Listener,
+    created_path: Option<PathBuf>,
+}
+
+impl BoundListener {
+    /// The socket file this process created (and removes when it exits).
+    pub fn created_path(&self) -> Option<&Path> {
+        self.created_path.as_deref()
+    }
+}
+
+impl Drop for BoundListener {
+    fn drop(&mut self) {
+        if let Some(path) = &self.created_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Creates the listening socket described by `config`.
+pub fn bind(config: &ListenConfig) -> Result<BoundListener, ServeError> {
+    match &config.source {
+        ListenSource::Path { path, mode, gid } => bind_path(path, *mode, *gid),
+        ListenSource::Fd(fd) => adopt_fd(*fd),
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(ServeError::InUse {
+            path: path.to_owned(),
+        });
+    }
+    // Nobody listens: a previous instance died without cleaning up.
+    log::warn!("{}: removing stale socket", path.display());
+    std::fs::remove_file(path).map_err(|source| ServeError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn bind_path(path: &Path, mode: u32, gid: Option<u32>) -> Result<BoundListener, ServeError> {
+    remove_stale_socket(path)?;
+    // The umask makes the socket appear with at most `mode`: there is no moment in which a
+    // wider mode would let someone else connect.
+    let previous = umask(Mode::from_bits_truncate(!mode & 0o777));
+    let bound = UnixListener::bind(path);
+    umask(previous);
+    let listener = bound.map_err(|source| ServeError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    let permissions_error = |source| ServeError::Permissions {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(permissions_error)?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| permissions_error(e.into()))?;
+    }
+    Ok(BoundListener {
+        listener: Listener::from(listener),
+        created_path: Some(path.to_owned()),
+    })
+}
+
+fn adopt_fd(fd: RawFd) -> Result<BoundListener, ServeError> {
+    let bad = |reason: String| ServeError::BadFd { fd, reason };
+    let stat = nix::sys::stat::fstat(fd).map_err(|e| bad(e.to_string()))?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket".into()));
+    }
+    // SAFETY: fstat just confirmed `fd` is an open socket; this process takes sole ownership of
+    // it here, as the flag's contract says (nothing else in the program uses that number).
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    match getsockopt(&listener, sockopt::AcceptConn) {
+        Ok(true) => {}
+        Ok(false) => {
+            // Ownership goes back to the caller's number; we must not close it on error.
+            std::mem::forget(listener);
+            return Err(bad("socket is not listening".into()));
+        }
+        Err(e) => {
+            std::mem::forget(listener);
+            return Err(bad(e.to_string()));
+        }
+    }
+    // The library's accept loop spins on EWOULDBLOCK: the socket must block.
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(BoundListener {
+        listener: Listener::from(listener),
+        created_path: None,
+    })
+}
+
+/// Tells systemd (when it started us with Type=notify) that the socket is ready.
+pub fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        log::debug!("sd_notify READY=1 failed: {e}");
+    }
+}
+
+/// A backend the serve loop can run: a fresh one per frontend connection.
+pub trait DaemonBackend: VhostUserBackend<Bitmap = ()> + Clone + 'static
+where
+    Self::Vring: Clone + Send + Sync,
+{
+    /// Registers the backend's own descriptors (tap fds, io_uring eventfds, ...) with the
+    /// worker threads once the daemon exists.
+    fn register_listeners(&self, _handlers: &[Arc<VringEpollHandler<Self>>]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves frontends one after another on `listener`, forever (until a signal ends the process).
+///
+/// `new_backend` is called for each connection, so no device state leaks from one VMM session
+/// into the next.
+pub fn serve<B, F>(
+    name: &str,
+    listener: &mut BoundListener,
+    mut new_backend: F,
+) -> Result<(), ServeError>
+where
+    B: DaemonBackend,
+    B::Vring: Clone + Send + Sync,
+    F: FnMut() -> io::Result<B>,
+{
+    notify_ready();
+    loop {
+        let backend = new_backend().map_err(ServeError::Backend)?;
+        let memory = GuestMemoryAtomic::new(GuestMemory::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), memory)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        backend
+            .register_listeners(&handlers)
+            .map_err(ServeError::Backend)?;
+        log::info!("waiting for a frontend");
+        daemon
+            .start(&mut listener.listener)
+            .map_err(|e| ServeError::Accept(e.to_string()))?;
+        log::info!("frontend connected");
+        match daemon.wait() {
+            Ok(()) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("frontend connection ended: {e}"),
+        }
+        for handler in &handlers {
+            handler.send_exit_event();
+        }
+        drop(handlers);
+        // Joins the worker threads, which finish their in-flight requests first.
+        drop(daemon);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn path_config(path: &Path, mode: u32) -> ListenConfig {
+        ListenConfig {
+            source: ListenSource::Path {
+                path: path.to_owned(),
+                mode,
+                gid: None,
+            },
+        }
+    }
+
+    #[test]
+    fn socket_gets_requested_mode_and_is_removed_on_drop() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sock");
+        let bound = bind(&path_config(&path, 0o600))?;
+        assert_eq!(std::fs::metadata(&path)?.mode() & 0o777, 0o600);
+        assert_eq!(bound.created_path(), Some(path.as_path()));
+        drop(bound);
+        assert!(!path.exists());
+        let bound = bind(&path_config(&path, 0o660))?;
+        assert_eq!(std::fs::metadata(&path)?.mode() & 0o777, 0o660);
+        drop(bound);
+        Ok(())
+    }
+
+    #[test]
+    fn live_socket_is_refused_stale_one_replaced() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sock");
+        let live = UnixListener::bind(&path)?;
+        assert!(matches!(
+            bind(&path_config(&path, 0o600)),
+            Err(ServeError::InUse { .. })
+        ));
+        drop(live); // leaves a stale socket file behind
+        assert!(path.exists());
+        let bound = bind(&path_config(&path, 0o600))?;
+        drop(bound);
+        std::fs::write(&path, b"not a socket")?;
+        assert!(matches!(
+            bind(&path_config(&path, 0o600)),
+            Err(ServeError::NotASocket { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn inherited_fd_must_be_a_listening_socket() -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir()?;
+        let file = std::fs::File::create(dir.path().join("f"))?;
+        let fd = file.into_raw_fd();
+        let config = ListenConfig {
+            source: ListenSource::Fd(fd),
+        };
+        assert!(matches!(bind(&config), Err(ServeError::BadFd { .. })));
+        let listener = UnixListener::bind(dir.path().join("l.sock"))?;
+        let config = ListenConfig {
+            source: ListenSource::Fd(listener.into_raw_fd()),
+        };
+        let bound = bind(&config)?;
+        assert_eq!(bound.created_path(), None);
+        Ok(())
+    }
+}

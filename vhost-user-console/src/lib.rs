@@ -1,0 +1,1 @@
+//! vhost-user-console: placeholder until its issue lands.

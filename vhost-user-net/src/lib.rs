@@ -1,0 +1,1 @@
+//! vhost-user-net: placeholder until its issue lands.
