@@ -159,14 +159,19 @@ pub fn notify_ready() {
     }
 }
 
-/// A backend the serve loop can run: a fresh one per frontend connection.
-pub trait DaemonBackend: VhostUserBackend<Bitmap = ()> + Clone + 'static
+/// A device the serve loop can run. The loop shares it with the worker threads as `Arc<Self>`
+/// and creates a fresh one per frontend connection.
+pub trait DaemonBackend: VhostUserBackend<Bitmap = ()> + Sized + 'static
 where
     Self::Vring: Clone + Send + Sync,
 {
-    /// Registers the backend's own descriptors (tap fds, io_uring eventfds, ...) with the
-    /// worker threads once the daemon exists.
-    fn register_listeners(&self, _handlers: &[Arc<VringEpollHandler<Self>>]) -> io::Result<()> {
+    /// Registers the device's own descriptors (tap fds, io_uring eventfds, endpoint sockets)
+    /// with the worker threads once the daemon exists: `handlers[i]` is worker thread `i`; use
+    /// `data` values above `num_queues()`.
+    fn register_listeners(
+        self: &Arc<Self>,
+        _handlers: &[Arc<VringEpollHandler<Arc<Self>>>],
+    ) -> io::Result<()> {
         Ok(())
     }
 }
@@ -187,7 +192,7 @@ where
 {
     notify_ready();
     loop {
-        let backend = new_backend().map_err(ServeError::Backend)?;
+        let backend = Arc::new(new_backend().map_err(ServeError::Backend)?);
         let memory = GuestMemoryAtomic::new(GuestMemory::new());
         let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), memory)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
@@ -208,7 +213,7 @@ where
             handler.send_exit_event();
         }
         drop(handlers);
-        // Joins the worker threads, which finish their in-flight requests first.
+        // Joins the worker threads; the device (and its in-flight I/O) goes with the last Arc.
         drop(daemon);
     }
 }

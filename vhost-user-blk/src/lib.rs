@@ -1,1 +1,82 @@
+//! vhost-user-blk: a virtio-blk device backed by a file or block device, served over vhost-user.
+//!
+//! - [`request`]: virtio-blk request parsing and synchronous execution (no vhost types).
+//! - [`disk`]: the backing store.
+//! - [`engine`]: io_uring and synchronous execution.
+//! - [`backend`]: the vhost-user glue (features, config space, queues → threads).
 
+pub mod args;
+pub mod backend;
+pub mod disk;
+pub mod engine;
+pub mod request;
+
+use std::sync::Arc;
+
+use vhost_user_common::{serve, signals};
+
+pub use args::{Args, Config};
+use backend::{BlkBackend, DeviceSettings};
+use disk::{Disk, DiskError};
+
+/// What `--print-capabilities` reports (QEMU's vhost-user.json "block" features).
+pub fn capabilities() -> String {
+    vhost_user_common::caps::capabilities_json("block", &["read-only", "blk-file"])
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Opens the disk, binds the socket and serves frontends until SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<(), RunError> {
+    let disk = Arc::new(Disk::open(&config.disk)?);
+    let serial = config
+        .serial
+        .clone()
+        .unwrap_or_else(|| disk.default_serial());
+    log::info!(
+        "{}: {} bytes{}{}, {} queue(s) of {}, serial {serial:?}, {:?} engine",
+        disk.path().display(),
+        disk.size(),
+        if disk.readonly() { ", read-only" } else { "" },
+        if disk.direct() { ", O_DIRECT" } else { "" },
+        config.num_queues,
+        config.queue_size,
+        config.engine,
+    );
+    let settings = DeviceSettings {
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+        serial: serial.into_bytes(),
+        engine: config.engine,
+        logical_block_size: config.logical_block_size,
+    };
+    let mut listener = serve::bind(&config.listen)?;
+    let socket = listener.created_path().map(ToOwned::to_owned);
+    let exit_disk = disk.clone();
+    signals::exit_on_termination(move || {
+        // Whatever the guest wrote reaches stable storage before we go.
+        if let Err(e) = exit_disk.flush() {
+            log::error!("{}: flush at exit failed: {e}", exit_disk.path().display());
+        }
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
+    })
+    .map_err(RunError::Signals)?;
+    if let Some(path) = listener.created_path() {
+        log::info!("listening on {}", path.display());
+    }
+    serve::serve("vhost-user-blk", &mut listener, || {
+        Ok(BlkBackend::new(disk.clone(), settings.clone()))
+    })?;
+    Ok(())
+}

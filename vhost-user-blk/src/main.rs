@@ -1,1 +1,23 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use vhost_user_blk::{capabilities, run, Args, Config};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.listen.print_capabilities {
+        println!("{}", capabilities());
+        return ExitCode::SUCCESS;
+    }
+    vhost_user_common::logging::init(args.listen.log_level);
+    let result = Config::try_from(args)
+        .map_err(|e| e.to_string())
+        .and_then(|config| run(config).map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-blk: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Command line → validated [`Config`]. All checks happen here, once.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use vhost_user_common::cli::CliError;
+use vhost_user_common::{ListenArgs, ListenConfig};
+
+use crate::disk::DiskOptions;
+use crate::engine::EngineKind;
+use crate::request::ID_BYTES;
+
+/// vhost-user virtio-blk backend: serves a file or block device to a VMM over a UNIX socket.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vhost-user-blk", version, about, long_about = None)]
+pub struct Args {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+
+    /// Backing file or block device.
+    #[arg(
+        long,
+        short = 'f',
+        value_name = "PATH",
+        required_unless_present = "print_capabilities"
+    )]
+    pub file: Option<PathBuf>,
+
+    /// Export the disk read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Open the backing store with O_DIRECT, bypassing the host page cache.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Number of request queues, each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+
+    /// Maximum size of each queue (a power of two, at most 32768).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+
+    /// Serial number the guest reads with GET_ID (at most 20 bytes) [default: derived from the
+    /// backing file's device and inode].
+    #[arg(long, value_name = "S")]
+    pub serial: Option<String>,
+
+    /// Logical block size presented to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    pub logical_block_size: u32,
+
+    /// I/O engine for reads, writes and flushes.
+    #[arg(long, value_enum, default_value_t = EngineKind::IoUring)]
+    pub io_engine: EngineKind,
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub disk: DiskOptions,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: Option<String>,
+    pub logical_block_size: u32,
+    pub engine: EngineKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Listen(#[from] CliError),
+    #[error("--file is required: the backing file or block device to export")]
+    NoFile,
+    #[error("--num-queues {0}: must be between 1 and 64")]
+    NumQueues(u16),
+    #[error("--queue-size {0}: must be a power of two between 2 and 32768")]
+    QueueSize(u16),
+    #[error("--serial {0:?} is {1} bytes; virtio-blk serials are at most 20 bytes")]
+    SerialTooLong(String, usize),
+    #[error("--logical-block-size {0}: must be 512 or 4096")]
+    LogicalBlockSize(u32),
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Config, ConfigError> {
+        let path = args.file.ok_or(ConfigError::NoFile)?;
+        if !(1..=64).contains(&args.num_queues) {
+            return Err(ConfigError::NumQueues(args.num_queues));
+        }
+        if args.queue_size < 2 || !args.queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(args.queue_size));
+        }
+        if let Some(serial) = &args.serial {
+            if serial.len() > ID_BYTES {
+                return Err(ConfigError::SerialTooLong(serial.clone(), serial.len()));
+            }
+        }
+        if args.logical_block_size != 512 && args.logical_block_size != 4096 {
+            return Err(ConfigError::LogicalBlockSize(args.logical_block_size));
+        }
+        Ok(Config {
+            listen: args.listen.listen_config()?,
+            disk: DiskOptions {
+                path,
+                readonly: args.readonly,
+                direct: args.direct,
+            },
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            serial: args.serial,
+            logical_block_size: args.logical_block_size,
+            engine: args.io_engine,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec![
+            "vhost-user-blk",
+            "--socket-path",
+            "/tmp/x.sock",
+            "--file",
+            "/tmp/d.img",
+        ];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let config = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.num_queues, 1);
+        assert_eq!(config.queue_size, 256);
+        assert_eq!(config.engine, EngineKind::IoUring);
+        assert!(!config.disk.readonly);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        assert!(parse(&["--queue-size", "100"]).is_err_and(|e| e.contains("--queue-size")));
+        assert!(parse(&["--num-queues", "0"]).is_err_and(|e| e.contains("--num-queues")));
+        assert!(
+            parse(&["--serial", "123456789012345678901"]).is_err_and(|e| e.contains("20 bytes"))
+        );
+        assert!(parse(&["--logical-block-size", "1024"]).is_err_and(|e| e.contains("512 or 4096")));
+        assert!(parse(&["--io-engine", "sync"]).is_ok_and(|c| c.engine == EngineKind::Sync));
+    }
+}

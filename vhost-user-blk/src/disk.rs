@@ -1,0 +1,485 @@
+//! The backing store: a regular file or a block device, and the operations virtio-blk needs on
+//! it. Offsets and lengths here are already validated against the capacity by the request layer.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+nix::ioctl_read_bad!(blk_get_logical_block_size, libc::BLKSSZGET, libc::c_int);
+nix::ioctl_read_bad!(blk_get_physical_block_size, libc::BLKPBSZGET, libc::c_uint);
+nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
+nix::ioctl_write_ptr_bad!(blk_zero_out, nix::request_code_none!(0x12, 127), [u64; 2]);
+
+/// What to open and how.
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// O_DIRECT: bypass the host page cache.
+    pub direct: bool,
+}
+
+/// Errors opening the backing store, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{path}: cannot open the backing file: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path}: the filesystem does not support O_DIRECT; drop --direct or move the image")]
+    DirectUnsupported { path: PathBuf },
+    #[error("{path}: not a regular file or block device")]
+    NotADisk { path: PathBuf },
+    #[error("{path}: cannot read its size: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error("{path}: is empty; a disk needs at least one 512-byte sector (resize it, e.g. truncate -s 1G)")]
+    Empty { path: PathBuf },
+}
+
+/// An open backing file or block device.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    is_block_device: bool,
+    readonly: bool,
+    direct: bool,
+    /// Memory and offset alignment that O_DIRECT requires (the device's logical block size).
+    direct_alignment: usize,
+    /// The host device's physical block size (a hint for the guest's topology).
+    physical_block_size: u32,
+    /// Device and inode number: the disk's identity, for the default serial.
+    identity: (u64, u64),
+}
+
+fn is_einval(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
+}
+
+impl Disk {
+    pub fn open(options: &DiskOptions) -> Result<Disk, DiskError> {
+        let path = options.path.clone();
+        let open = |direct: bool| {
+            let mut oo = OpenOptions::new();
+            oo.read(true).write(!options.readonly);
+            if direct {
+                oo.custom_flags(libc::O_DIRECT);
+            }
+            oo.open(&options.path)
+        };
+        let file = match open(options.direct) {
+            Ok(file) => file,
+            Err(e) if options.direct && is_einval(&e) => {
+                return Err(DiskError::DirectUnsupported { path })
+            }
+            Err(source) => return Err(DiskError::Open { path, source }),
+        };
+        let meta = file.metadata().map_err(|source| DiskError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.file_type().is_file() {
+            return Err(DiskError::NotADisk { path });
+        }
+        let (size, direct_alignment, physical_block_size, identity) = if is_block_device {
+            let mut size = 0u64;
+            let mut logical: libc::c_int = 512;
+            let mut physical: libc::c_uint = 512;
+            // SAFETY: the fd is an open block device and each pointer is to a local of the
+            // type the ioctl writes.
+            unsafe {
+                blk_get_size64(file.as_raw_fd(), &mut size).map_err(|e| DiskError::Size {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+                let _ = blk_get_logical_block_size(file.as_raw_fd(), &mut logical);
+                let _ = blk_get_physical_block_size(file.as_raw_fd(), &mut physical);
+            }
+            (
+                size,
+                logical.max(512) as usize,
+                physical.max(512),
+                (meta.rdev(), 0),
+            )
+        } else {
+            (meta.len(), 512, 4096, (meta.dev(), meta.ino()))
+        };
+        if size < 512 {
+            return Err(DiskError::Empty { path });
+        }
+        Ok(Disk {
+            file,
+            path,
+            size,
+            is_block_device,
+            readonly: options.readonly,
+            direct: options.direct,
+            direct_alignment,
+            physical_block_size,
+            identity,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn direct_alignment(&self) -> usize {
+        self.direct_alignment
+    }
+
+    pub fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    /// A serial that stays the same for the same file across restarts (at most 20 bytes).
+    pub fn default_serial(&self) -> String {
+        let (dev, ino) = self.identity;
+        let mut serial = format!("vub{dev:x}-{ino:x}");
+        serial.truncate(20);
+        serial
+    }
+
+    /// `preadv` until all of `iov` is filled (short reads continue; EOF is an error).
+    pub fn read_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
+        self.vectored_at(iov, offset, false, 0)
+    }
+
+    /// `pwritev2` until all of `iov` is written; `dsync` makes this write durable (write-through).
+    pub fn write_vectored_at(
+        &self,
+        iov: &[libc::iovec],
+        offset: u64,
+        dsync: bool,
+    ) -> io::Result<()> {
+        self.vectored_at(iov, offset, true, if dsync { libc::RWF_DSYNC } else { 0 })
+    }
+
+    fn vectored_at(
+        &self,
+        iov: &[libc::iovec],
+        offset: u64,
+        write: bool,
+        flags: libc::c_int,
+    ) -> io::Result<()> {
+        let mut iov: Vec<libc::iovec> = iov.to_vec();
+        let mut first = 0;
+        let mut offset = offset;
+        while first < iov.len() {
+            let count = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: every iovec points into guest memory validated by the request layer (or
+            // into a bounce buffer) that stays mapped for the duration of this call.
+            let done = unsafe {
+                if write {
+                    libc::pwritev2(
+                        self.file.as_raw_fd(),
+                        iov[first..].as_ptr(),
+                        count as i32,
+                        off,
+                        flags,
+                    )
+                } else {
+                    libc::preadv(
+                        self.file.as_raw_fd(),
+                        iov[first..].as_ptr(),
+                        count as i32,
+                        off,
+                    )
+                }
+            };
+            if done < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if done == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "short transfer at end of disk",
+                ));
+            }
+            offset += done as u64;
+            first = advance_iovecs(&mut iov, first, done as usize);
+        }
+        Ok(())
+    }
+
+    /// fdatasync: everything written before is durable when this returns.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Tells the storage the range is unused. Files get a hole; devices get BLKDISCARD.
+    /// Discard is a hint: where the storage cannot do it, it is a successful no-op.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let result = if self.is_block_device {
+            // SAFETY: the fd is an open block device; the argument is a [start, len] pair.
+            unsafe { blk_discard(self.file.as_raw_fd(), &[offset, len]) }
+                .map(drop)
+                .map_err(io::Error::from)
+        } else {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Makes the range read back as zeroes; with `unmap`, deallocating it where possible.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if self.is_block_device {
+            // SAFETY: the fd is an open block device; the argument is a [start, len] pair.
+            return unsafe { blk_zero_out(self.file.as_raw_fd(), &[offset, len]) }
+                .map(drop)
+                .map_err(io::Error::from);
+        }
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_buffers(offset, len)
+            }
+            other => other,
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: plain syscall on our own fd with integer arguments.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let zeroes = AlignedBuf::new(CHUNK.min(len as usize).max(self.direct_alignment), 4096)?;
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(zeroes.len() as u64) as usize;
+            let iov = [libc::iovec {
+                iov_base: zeroes.as_ptr().cast(),
+                iov_len: n,
+            }];
+            self.write_vectored_at(&iov, offset, false)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Drops the first `done` bytes from `iov[first..]`; returns the new first index.
+pub fn advance_iovecs(iov: &mut [libc::iovec], mut first: usize, mut done: usize) -> usize {
+    while first < iov.len() && done > 0 {
+        let v = &mut iov[first];
+        if done >= v.iov_len {
+            done -= v.iov_len;
+            first += 1;
+        } else {
+            // SAFETY: `done < iov_len`, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
+            v.iov_len -= done;
+            done = 0;
+        }
+    }
+    while first < iov.len() && iov[first].iov_len == 0 {
+        first += 1;
+    }
+    first
+}
+
+/// A zeroed heap buffer with a given alignment: O_DIRECT bounce buffers.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn new(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layout.size() == 0
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn disk_with(len: u64, readonly: bool) -> (tempfile::NamedTempFile, Disk) {
+        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        file.as_file()
+            .set_len(len)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let disk = Disk::open(&DiskOptions {
+            path: file.path().to_owned(),
+            readonly,
+            direct: false,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        (file, disk)
+    }
+
+    #[test]
+    fn vectored_io_round_trips() {
+        let (_f, disk) = disk_with(1 << 20, false);
+        let mut a = vec![1u8; 512];
+        let mut b = vec![2u8; 1024];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        disk.write_vectored_at(&iov, 4096, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut back = vec![0u8; 1536];
+        let iov = [libc::iovec {
+            iov_base: back.as_mut_ptr().cast(),
+            iov_len: back.len(),
+        }];
+        disk.read_vectored_at(&iov, 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(back[..512].iter().all(|&x| x == 1));
+        assert!(back[512..].iter().all(|&x| x == 2));
+    }
+
+    #[test]
+    fn read_past_end_is_an_error() {
+        let (_f, disk) = disk_with(4096, false);
+        let mut buf = vec![0u8; 1024];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        assert!(disk.read_vectored_at(&iov, 3584).is_err());
+    }
+
+    #[test]
+    fn zeroes_and_discard_read_back_zero() {
+        let (f, disk) = disk_with(1 << 20, false);
+        f.as_file()
+            .write_all_at(&vec![0xaa; 1 << 20], 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        disk.write_zeroes(8192, 8192, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        disk.write_zeroes(65536, 4096, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        disk.discard(131072, 65536)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = vec![0u8; 1 << 20];
+        f.as_file()
+            .read_exact_at(&mut buf, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf[8192..16384].iter().all(|&x| x == 0));
+        assert!(buf[65536..69632].iter().all(|&x| x == 0));
+        assert!(buf[..8192].iter().all(|&x| x == 0xaa));
+        assert!(buf[16384..65536].iter().all(|&x| x == 0xaa));
+    }
+
+    #[test]
+    fn empty_file_is_refused_with_a_hint() {
+        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        let err = Disk::open(&DiskOptions {
+            path: file.path().to_owned(),
+            readonly: false,
+            direct: false,
+        });
+        assert!(matches!(err, Err(DiskError::Empty { .. })));
+    }
+
+    #[test]
+    fn advance_skips_whole_and_partial_vectors() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        let mut iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 8,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 8,
+            },
+        ];
+        let first = advance_iovecs(&mut iov, 0, 10);
+        assert_eq!(first, 1);
+        assert_eq!(iov[1].iov_len, 6);
+        assert_eq!(advance_iovecs(&mut iov, 1, 6), 2);
+    }
+}

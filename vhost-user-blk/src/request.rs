@@ -1,0 +1,434 @@
+//! virtio-blk requests (virtio 1.2, 5.2.6): parsing a descriptor chain into a validated
+//! [`Request`], and synchronous execution against a [`Disk`]. Nothing here knows vhost-user.
+//!
+//! Everything in a chain is guest-controlled. A request that is wrong but has a status byte gets
+//! a status (IOERR or UNSUPP); one without a status byte is returned to the guest unanswered.
+
+use vhost_user_common::chain::{host_iovecs, ChainBuffers, Segment};
+use vhost_user_common::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::disk::{AlignedBuf, Disk};
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// GET_ID answers with at most this many bytes.
+pub const ID_BYTES: usize = 20;
+const HEADER_SIZE: u64 = 16;
+const RANGE_SIZE: u64 = 16;
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// The device's geometry and limits, as advertised in config space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub capacity_sectors: u64,
+    pub logical_block_size: u32,
+    pub readonly: bool,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+}
+
+/// One range of a DISCARD or WRITE_ZEROES request, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+    pub unmap: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Read {
+        offset: u64,
+        data: Vec<Segment>,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        data: Vec<Segment>,
+        len: u64,
+    },
+    Flush,
+    GetId {
+        data: Vec<Segment>,
+        len: u64,
+    },
+    Discard(Vec<ByteRange>),
+    WriteZeroes(Vec<ByteRange>),
+}
+
+/// A validated request: every segment is inside guest memory and every range inside the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub op: Operation,
+    /// Where the one-byte status goes.
+    pub status: GuestAddress,
+}
+
+impl Request {
+    /// Bytes the device writes into the chain: data read plus the status byte.
+    pub fn used_len(&self) -> u32 {
+        let data = match &self.op {
+            Operation::Read { len, .. } | Operation::GetId { len, .. } => *len,
+            _ => 0,
+        };
+        // A chain is at most 4 GiB (checked while parsing), so this fits.
+        u32::try_from(data + 1).unwrap_or(u32::MAX)
+    }
+}
+
+/// Why a chain could not become a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The status byte to answer with, when the chain has one.
+    pub status: Option<(GuestAddress, u8)>,
+    pub reason: String,
+}
+
+impl Rejection {
+    fn with_status(status: GuestAddress, code: u8, reason: impl Into<String>) -> Self {
+        Rejection {
+            status: Some((status, code)),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Checks `[sector, sector + sectors)` against the capacity and the logical block size, and
+/// returns it as a byte range.
+fn sector_range(limits: &Limits, sector: u64, sectors: u64) -> Result<(u64, u64), String> {
+    let end = sector
+        .checked_add(sectors)
+        .ok_or_else(|| format!("sector {sector} + {sectors} overflows"))?;
+    if end > limits.capacity_sectors {
+        return Err(format!(
+            "sectors {sector}..{end} are beyond the capacity of {} sectors",
+            limits.capacity_sectors
+        ));
+    }
+    let per_block = u64::from(limits.logical_block_size) / SECTOR_SIZE;
+    if per_block > 1 && (sector % per_block != 0 || sectors % per_block != 0) {
+        return Err(format!(
+            "sectors {sector}..{end} are not aligned to the {}-byte logical block size",
+            limits.logical_block_size
+        ));
+    }
+    Ok((sector << SECTOR_SHIFT, sectors << SECTOR_SHIFT))
+}
+
+/// Parses a chain (already split and bounds-checked by [`ChainBuffers::parse`]).
+pub fn parse(
+    buffers: &ChainBuffers,
+    mem: &GuestMemory,
+    limits: &Limits,
+) -> Result<Request, Rejection> {
+    let writable_len = buffers.writable_len();
+    if writable_len == 0 {
+        return Err(Rejection {
+            status: None,
+            reason: "no device-writable status byte".into(),
+        });
+    }
+    let status_seg = buffers
+        .writable_range(writable_len - 1, 1)
+        .ok()
+        .and_then(|v| v.first().copied())
+        .ok_or_else(|| Rejection {
+            status: None,
+            reason: "cannot locate the status byte".into(),
+        })?;
+    let status = status_seg.addr;
+    let ioerr = |reason: String| Rejection::with_status(status, VIRTIO_BLK_S_IOERR, reason);
+
+    if buffers.readable_len() < HEADER_SIZE {
+        return Err(ioerr(format!(
+            "header is {} bytes, expected {HEADER_SIZE}",
+            buffers.readable_len()
+        )));
+    }
+    let mut header = [0u8; HEADER_SIZE as usize];
+    buffers
+        .read_exact_at(mem, 0, &mut header)
+        .map_err(|e| ioerr(e.to_string()))?;
+    let request_type = le_u32(&header[0..4]);
+    let sector = le_u64(&header[8..16]);
+    let readable_data = buffers.readable_len() - HEADER_SIZE;
+    let writable_data = writable_len - 1;
+
+    let op = match request_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let is_read = request_type == VIRTIO_BLK_T_IN;
+            let (len, wrong_side) = if is_read {
+                (writable_data, readable_data)
+            } else {
+                (readable_data, writable_data)
+            };
+            if wrong_side != 0 {
+                return Err(ioerr(format!(
+                    "{} data must be device-{} ({wrong_side} bytes are not)",
+                    if is_read { "read" } else { "write" },
+                    if is_read { "writable" } else { "readable" }
+                )));
+            }
+            if len % SECTOR_SIZE != 0 {
+                return Err(ioerr(format!("data length {len} is not a multiple of 512")));
+            }
+            if !is_read && limits.readonly {
+                return Err(ioerr("write to a read-only disk".into()));
+            }
+            let (offset, len) = sector_range(limits, sector, len >> SECTOR_SHIFT).map_err(ioerr)?;
+            if is_read {
+                let data = buffers
+                    .writable_range(0, len)
+                    .map_err(|e| ioerr(e.to_string()))?;
+                Operation::Read { offset, data, len }
+            } else {
+                let data = buffers
+                    .readable_range(HEADER_SIZE, len)
+                    .map_err(|e| ioerr(e.to_string()))?;
+                Operation::Write { offset, data, len }
+            }
+        }
+        VIRTIO_BLK_T_FLUSH => Operation::Flush,
+        VIRTIO_BLK_T_GET_ID => {
+            let len = writable_data.min(ID_BYTES as u64);
+            let data = buffers
+                .writable_range(0, len)
+                .map_err(|e| ioerr(e.to_string()))?;
+            Operation::GetId { data, len }
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let is_discard = request_type == VIRTIO_BLK_T_DISCARD;
+            if limits.readonly {
+                return Err(ioerr("discard or write-zeroes on a read-only disk".into()));
+            }
+            let (max_seg, max_sectors) = if is_discard {
+                (limits.max_discard_seg, limits.max_discard_sectors)
+            } else {
+                (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
+            };
+            if readable_data == 0 || readable_data % RANGE_SIZE != 0 {
+                return Err(ioerr(format!("range list of {readable_data} bytes")));
+            }
+            let count = readable_data / RANGE_SIZE;
+            if count > u64::from(max_seg) {
+                return Err(ioerr(format!("{count} ranges, at most {max_seg} allowed")));
+            }
+            let mut raw = vec![0u8; readable_data as usize];
+            buffers
+                .read_exact_at(mem, HEADER_SIZE, &mut raw)
+                .map_err(|e| ioerr(e.to_string()))?;
+            let mut ranges = Vec::with_capacity(count as usize);
+            for r in raw.chunks_exact(RANGE_SIZE as usize) {
+                let range_sector = le_u64(&r[0..8]);
+                let sectors = le_u32(&r[8..12]);
+                let flags = le_u32(&r[12..16]);
+                let allowed = if is_discard {
+                    0
+                } else {
+                    WRITE_ZEROES_FLAG_UNMAP
+                };
+                if flags & !allowed != 0 {
+                    return Err(Rejection::with_status(
+                        status,
+                        VIRTIO_BLK_S_UNSUPP,
+                        format!("unsupported range flags {flags:#x}"),
+                    ));
+                }
+                if sectors > max_sectors {
+                    return Err(ioerr(format!(
+                        "range of {sectors} sectors, at most {max_sectors}"
+                    )));
+                }
+                let (offset, len) =
+                    sector_range(limits, range_sector, u64::from(sectors)).map_err(ioerr)?;
+                ranges.push(ByteRange {
+                    offset,
+                    len,
+                    unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+                });
+            }
+            if is_discard {
+                Operation::Discard(ranges)
+            } else {
+                Operation::WriteZeroes(ranges)
+            }
+        }
+        other => {
+            return Err(Rejection::with_status(
+                status,
+                VIRTIO_BLK_S_UNSUPP,
+                format!("unsupported request type {other}"),
+            ))
+        }
+    };
+    Ok(Request { op, status })
+}
+
+/// Host buffers for a read or write: the guest's own memory, or an aligned bounce buffer when
+/// O_DIRECT needs alignment the guest's buffers don't have.
+pub struct IoBuffers {
+    pub iovecs: Vec<libc::iovec>,
+    bounce: Option<AlignedBuf>,
+}
+
+// SAFETY: the iovecs point into guest memory (kept mapped by the owner of this value, which
+// holds an Arc of it) or into the owned bounce buffer; moving them between threads is fine.
+unsafe impl Send for IoBuffers {}
+
+impl IoBuffers {
+    /// Prepares `data` (`len` bytes) for I/O on `disk`. For a write through a bounce buffer the
+    /// guest data is copied in here.
+    pub fn new(
+        disk: &Disk,
+        mem: &GuestMemory,
+        data: &[Segment],
+        len: u64,
+        is_write: bool,
+    ) -> std::io::Result<IoBuffers> {
+        let mut iovecs = Vec::with_capacity(data.len());
+        host_iovecs(mem, data, &mut iovecs)?;
+        let align = disk.direct_alignment();
+        let aligned = iovecs
+            .iter()
+            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0);
+        if !disk.direct() || aligned {
+            return Ok(IoBuffers {
+                iovecs,
+                bounce: None,
+            });
+        }
+        let bounce = AlignedBuf::new(len as usize, align.max(4096))?;
+        if is_write {
+            let mut at = 0usize;
+            for seg in data {
+                let n = seg.len as usize;
+                // SAFETY: `at + n <= len` (the segments add up to `len`) and the buffer is ours.
+                let dst = unsafe { std::slice::from_raw_parts_mut(bounce.as_ptr().add(at), n) };
+                mem.read_slice(dst, seg.addr)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                at += n;
+            }
+        }
+        let iovecs = vec![libc::iovec {
+            iov_base: bounce.as_ptr().cast(),
+            iov_len: len as usize,
+        }];
+        Ok(IoBuffers {
+            iovecs,
+            bounce: Some(bounce),
+        })
+    }
+
+    /// After a read through a bounce buffer, copies the data out to the guest.
+    pub fn finish_read(&self, mem: &GuestMemory, data: &[Segment]) -> std::io::Result<()> {
+        let Some(bounce) = &self.bounce else {
+            return Ok(());
+        };
+        let mut at = 0usize;
+        for seg in data {
+            let n = seg.len as usize;
+            if at + n > bounce.len() {
+                break;
+            }
+            // SAFETY: `at + n` is within the bounce buffer (checked above), which we own.
+            let src = unsafe { std::slice::from_raw_parts(bounce.as_ptr().add(at), n) };
+            mem.write_slice(src, seg.addr)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    pub fn bounced(&self) -> bool {
+        self.bounce.is_some()
+    }
+}
+
+/// Executes `request` synchronously and returns the status to report.
+pub fn execute_sync(
+    request: &Request,
+    disk: &Disk,
+    mem: &GuestMemory,
+    serial: &[u8],
+    write_through: bool,
+) -> u8 {
+    let result = match &request.op {
+        Operation::Read { offset, data, len } => IoBuffers::new(disk, mem, data, *len, false)
+            .and_then(|bufs| {
+                disk.read_vectored_at(&bufs.iovecs, *offset)?;
+                bufs.finish_read(mem, data)
+            }),
+        Operation::Write { offset, data, len } => IoBuffers::new(disk, mem, data, *len, true)
+            .and_then(|bufs| disk.write_vectored_at(&bufs.iovecs, *offset, write_through)),
+        Operation::Flush => disk.flush(),
+        Operation::GetId { data, len } => {
+            let mut id = [0u8; ID_BYTES];
+            let n = serial.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&serial[..n]);
+            let mut at = 0usize;
+            let mut result = Ok(());
+            for seg in data {
+                let end = (at + seg.len as usize).min(*len as usize);
+                if let Err(e) = mem.write_slice(&id[at..end], seg.addr) {
+                    result = Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                    break;
+                }
+                at = end;
+            }
+            result
+        }
+        Operation::Discard(ranges) => ranges
+            .iter()
+            .try_for_each(|r| disk.discard(r.offset, r.len)),
+        Operation::WriteZeroes(ranges) => ranges
+            .iter()
+            .try_for_each(|r| disk.write_zeroes(r.offset, r.len, r.unmap)),
+    };
+    match result {
+        Ok(()) => VIRTIO_BLK_S_OK,
+        Err(e) => {
+            log::warn!(
+                "{}: {:?} failed: {e}",
+                disk.path().display(),
+                kind_name(&request.op)
+            );
+            VIRTIO_BLK_S_IOERR
+        }
+    }
+}
+
+/// A short name for logs.
+pub fn kind_name(op: &Operation) -> &'static str {
+    match op {
+        Operation::Read { .. } => "read",
+        Operation::Write { .. } => "write",
+        Operation::Flush => "flush",
+        Operation::GetId { .. } => "get-id",
+        Operation::Discard(_) => "discard",
+        Operation::WriteZeroes(_) => "write-zeroes",
+    }
+}
