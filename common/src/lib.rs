@@ -6,6 +6,7 @@ pub mod caps;
 pub mod chain;
 pub mod cli;
 pub mod logging;
+pub mod memory;
 pub mod serve;
 pub mod signals;
 

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
@@ -67,8 +67,34 @@ impl Daemon {
         socket: PathBuf,
         dir: tempfile::TempDir,
     ) -> Result<Daemon> {
+        Self::spawn(&[], bin, args, socket, dir)
+    }
+
+    /// As [`Daemon::start`], with the binary run under a wrapper command `prefix` (for example
+    /// `["ip", "netns", "exec", "ns1"]`, which execs the daemon itself: signals reach it).
+    pub fn start_with_prefix(prefix: &[&str], bin: &str, args: &[&str]) -> Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("vhost.sock");
+        Self::spawn(prefix, bin, args, socket, dir)
+    }
+
+    fn spawn(
+        prefix: &[&str],
+        bin: &str,
+        args: &[&str],
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Result<Daemon> {
         let log = dir.path().join("daemon.log");
-        let child = Command::new(binary(bin))
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary(bin));
+                c
+            }
+            None => Command::new(binary(bin)),
+        };
+        let child = command
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
@@ -134,7 +160,7 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("VHOST_TEST_LOG").is_some() {
             eprintln!("--- daemon log ---\n{}", self.log_text());
         }
     }
@@ -171,7 +197,7 @@ impl GuestRam {
         let name = c"vhost-user-test-ram";
         let fd =
             nix::sys::memfd::memfd_create(name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
-        let file = File::from(OwnedFd::from(fd));
+        let file = File::from(fd);
         file.set_len(size)?;
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
@@ -532,6 +558,12 @@ impl TestVmm {
 
     /// Configures queue `index` (rings, eventfds) and enables it.
     pub fn start_queue(&mut self, index: usize, size: u16) -> Result<()> {
+        self.start_queue_with(index, size, true)
+    }
+
+    /// Configures queue `index`; `enable` says whether to send SET_VRING_ENABLE 1 (a frontend
+    /// leaves the queues of unused queue pairs disabled).
+    pub fn start_queue_with(&mut self, index: usize, size: u16, enable: bool) -> Result<()> {
         let queue = GuestQueue::new(index, size)?;
         // Clean rings: a previous session may have used the same guest RAM.
         self.ram.write(
@@ -552,7 +584,7 @@ impl TestVmm {
         self.frontend.set_vring_base(index, 0)?;
         self.frontend.set_vring_call(index, &queue.call)?;
         self.frontend.set_vring_kick(index, &queue.kick)?;
-        if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+        if enable && self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             self.frontend.set_vring_enable(index, true)?;
         }
         while self.queues.len() <= index {

@@ -397,6 +397,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        vhost_user_common::memory::check_backing(&mem.memory())?;
         for index in 0..self.workers.len() {
             if let Some(mut worker) = self.worker(index) {
                 worker.mem = Some(mem.clone());
@@ -483,5 +484,70 @@ impl DaemonBackend for BlkBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+
+    fn backend(readonly: bool) -> (tempfile::NamedTempFile, BlkBackend) {
+        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        file.as_file()
+            .set_len(1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let disk = Disk::open(&DiskOptions {
+            path: file.path().to_owned(),
+            readonly,
+            direct: false,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let settings = DeviceSettings {
+            num_queues: 2,
+            queue_size: 64,
+            serial: b"s".to_vec(),
+            engine: EngineKind::Sync,
+            logical_block_size: 4096,
+        };
+        (file, BlkBackend::new(Arc::new(disk), settings))
+    }
+
+    #[test]
+    fn config_reads_are_exact_or_empty() {
+        let (_f, b) = backend(false);
+        assert_eq!(
+            b.get_config(0, 8),
+            ((1u64 << 20) / 512).to_le_bytes().to_vec()
+        );
+        assert_eq!(b.get_config(20, 4), 4096u32.to_le_bytes().to_vec());
+        assert_eq!(b.get_config(34, 2), vec![2, 0]);
+        assert_eq!(b.get_config(12, 4), 62u32.to_le_bytes().to_vec());
+        assert_eq!(b.get_config(44, 4), 8u32.to_le_bytes().to_vec());
+        assert!(b.get_config(250, 16).is_empty());
+        assert!(b.get_config(u32::MAX, 2).is_empty());
+    }
+
+    #[test]
+    fn config_writes_only_touch_the_cache_mode_and_only_with_wce() {
+        let (_f, b) = backend(false);
+        assert!(b.set_config(32, &[0]).is_err(), "WCE not negotiated yet");
+        b.acked_features(device_features(false));
+        assert!(b.set_config(32, &[0]).is_ok());
+        assert!(b.write_through());
+        assert!(b.set_config(0, &[0; 8]).is_err(), "capacity is read-only");
+        assert!(b.set_config(32, &[1, 1]).is_err());
+    }
+
+    #[test]
+    fn read_only_disks_advertise_ro_and_no_discard() {
+        let f = device_features(true);
+        assert!(f & (1 << VIRTIO_BLK_F_RO) != 0);
+        assert_eq!(
+            f & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES),
+            0
+        );
+        let (_f, b) = backend(true);
+        assert!(b.limits().readonly);
     }
 }

@@ -130,7 +130,7 @@ fn sector_range(limits: &Limits, sector: u64, sectors: u64) -> Result<(u64, u64)
         ));
     }
     let per_block = u64::from(limits.logical_block_size) / SECTOR_SIZE;
-    if per_block > 1 && (sector % per_block != 0 || sectors % per_block != 0) {
+    if per_block > 1 && (!sector.is_multiple_of(per_block) || !sectors.is_multiple_of(per_block)) {
         return Err(format!(
             "sectors {sector}..{end} are not aligned to the {}-byte logical block size",
             limits.logical_block_size
@@ -193,7 +193,7 @@ pub fn parse(
                     if is_read { "writable" } else { "readable" }
                 )));
             }
-            if len % SECTOR_SIZE != 0 {
+            if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(ioerr(format!("data length {len} is not a multiple of 512")));
             }
             if !is_read && limits.readonly {
@@ -230,7 +230,7 @@ pub fn parse(
             } else {
                 (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
             };
-            if readable_data == 0 || readable_data % RANGE_SIZE != 0 {
+            if readable_data == 0 || !readable_data.is_multiple_of(RANGE_SIZE) {
                 return Err(ioerr(format!("range list of {readable_data} bytes")));
             }
             let count = readable_data / RANGE_SIZE;
@@ -314,7 +314,7 @@ impl IoBuffers {
         let align = disk.direct_alignment();
         let aligned = iovecs
             .iter()
-            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0);
+            .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align));
         if !disk.direct() || aligned {
             return Ok(IoBuffers {
                 iovecs,
@@ -430,5 +430,285 @@ pub fn kind_name(op: &Operation) -> &'static str {
         Operation::GetId { .. } => "get-id",
         Operation::Discard(_) => "discard",
         Operation::WriteZeroes(_) => "write-zeroes",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+    use std::os::unix::fs::FileExt;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::DescriptorChain;
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn memory() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            capacity_sectors: 2048,
+            logical_block_size: 512,
+            readonly: false,
+            max_discard_sectors: 1024,
+            max_discard_seg: 4,
+            max_write_zeroes_sectors: 1024,
+            max_write_zeroes_seg: 4,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
+        let flags = if write { VRING_DESC_F_WRITE } else { 0 } | VRING_DESC_F_NEXT;
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, 0))
+    }
+
+    /// Writes a header, builds the chain with the mock driver, and parses it.
+    fn parse_chain(
+        mem: &GuestMemory,
+        kind: u32,
+        sector: u64,
+        descs: &[RawDescriptor],
+        limits: &Limits,
+    ) -> Result<Request, Rejection> {
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HDR))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let queue = MockSplitQueue::new(mem, 16);
+        let chain: DescriptorChain<&GuestMemory> = queue
+            .build_desc_chain(descs)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let buffers = ChainBuffers::parse(chain, mem, 16).unwrap_or_else(|e| panic!("{e}"));
+        parse(&buffers, mem, limits)
+    }
+
+    fn disk() -> (tempfile::NamedTempFile, Disk) {
+        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        file.as_file()
+            .set_len(2048 * 512)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let disk = Disk::open(&DiskOptions {
+            path: file.path().to_owned(),
+            readonly: false,
+            direct: false,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        (file, disk)
+    }
+
+    #[test]
+    fn write_then_read_through_the_request_layer() {
+        let mem = memory();
+        let (file, disk) = disk();
+        mem.write_slice(&[0x42; 1024], GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let w = parse_chain(
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            4,
+            &[
+                desc(HDR, 16, false),
+                desc(DATA, 1024, false),
+                desc(STATUS, 1, true),
+            ],
+            &limits(),
+        )
+        .unwrap_or_else(|r| panic!("{}", r.reason));
+        assert_eq!(w.used_len(), 1);
+        assert_eq!(execute_sync(&w, &disk, &mem, b"", false), VIRTIO_BLK_S_OK);
+        let mut on_disk = [0u8; 1024];
+        file.as_file()
+            .read_exact_at(&mut on_disk, 4 * 512)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(on_disk.iter().all(|&b| b == 0x42));
+
+        let r = parse_chain(
+            &mem,
+            VIRTIO_BLK_T_IN,
+            4,
+            &[
+                desc(HDR, 16, false),
+                desc(DATA + 4096, 512, true),
+                desc(DATA + 8192, 512, true),
+                desc(STATUS, 1, true),
+            ],
+            &limits(),
+        )
+        .unwrap_or_else(|r| panic!("{}", r.reason));
+        assert_eq!(r.used_len(), 1025);
+        assert_eq!(execute_sync(&r, &disk, &mem, b"", false), VIRTIO_BLK_S_OK);
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(DATA + 8192))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(back.iter().all(|&b| b == 0x42));
+    }
+
+    #[test]
+    fn status_is_the_last_writable_byte() {
+        let mem = memory();
+        let r = parse_chain(
+            &mem,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[desc(HDR, 16, false), desc(DATA, 513, true)],
+            &limits(),
+        )
+        .unwrap_or_else(|r| panic!("{}", r.reason));
+        assert_eq!(r.status, GuestAddress(DATA + 512));
+        assert!(matches!(r.op, Operation::Read { len: 512, .. }));
+    }
+
+    #[test]
+    fn bad_requests_get_the_right_status() {
+        let mem = memory();
+        let status_of =
+            |r: Result<Request, Rejection>| r.err().and_then(|r| r.status).map(|(_, s)| s);
+        let io = [
+            desc(HDR, 16, false),
+            desc(DATA, 1024, true),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(
+            status_of(parse_chain(&mem, VIRTIO_BLK_T_IN, 2047, &io, &limits())),
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        assert_eq!(
+            status_of(parse_chain(
+                &mem,
+                VIRTIO_BLK_T_IN,
+                u64::MAX - 1,
+                &io,
+                &limits()
+            )),
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        assert_eq!(
+            status_of(parse_chain(&mem, 77, 0, &io, &limits())),
+            Some(VIRTIO_BLK_S_UNSUPP)
+        );
+        let out_in_writable = [
+            desc(HDR, 16, false),
+            desc(DATA, 512, true),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(
+            status_of(parse_chain(
+                &mem,
+                VIRTIO_BLK_T_OUT,
+                0,
+                &out_in_writable,
+                &limits()
+            )),
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        let short = [desc(HDR, 12, false), desc(STATUS, 1, true)];
+        assert_eq!(
+            status_of(parse_chain(&mem, VIRTIO_BLK_T_FLUSH, 0, &short, &limits())),
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        let no_status = [desc(HDR, 16, false)];
+        let r = parse_chain(&mem, VIRTIO_BLK_T_FLUSH, 0, &no_status, &limits());
+        assert!(matches!(r, Err(Rejection { status: None, .. })));
+        let readonly = Limits {
+            readonly: true,
+            ..limits()
+        };
+        let write = [
+            desc(HDR, 16, false),
+            desc(DATA, 512, false),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(
+            status_of(parse_chain(&mem, VIRTIO_BLK_T_OUT, 0, &write, &readonly)),
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        let big_blocks = Limits {
+            logical_block_size: 4096,
+            ..limits()
+        };
+        assert_eq!(
+            status_of(parse_chain(&mem, VIRTIO_BLK_T_OUT, 1, &write, &big_blocks)),
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_ranges() {
+        let mem = memory();
+        let mut ranges = Vec::new();
+        for (sector, count, flags) in [(8u64, 8u32, 1u32), (100, 4, 0)] {
+            ranges.extend_from_slice(&sector.to_le_bytes());
+            ranges.extend_from_slice(&count.to_le_bytes());
+            ranges.extend_from_slice(&flags.to_le_bytes());
+        }
+        mem.write_slice(&ranges, GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let chain = [
+            desc(HDR, 16, false),
+            desc(DATA, 32, false),
+            desc(STATUS, 1, true),
+        ];
+        let r = parse_chain(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0, &chain, &limits())
+            .unwrap_or_else(|r| panic!("{}", r.reason));
+        assert_eq!(
+            r.op,
+            Operation::WriteZeroes(vec![
+                ByteRange {
+                    offset: 8 * 512,
+                    len: 8 * 512,
+                    unmap: true
+                },
+                ByteRange {
+                    offset: 100 * 512,
+                    len: 4 * 512,
+                    unmap: false
+                },
+            ])
+        );
+        // The same list as a discard has a flag discard doesn't allow.
+        let r = parse_chain(&mem, VIRTIO_BLK_T_DISCARD, 0, &chain, &limits());
+        assert_eq!(
+            r.err().and_then(|r| r.status).map(|(_, s)| s),
+            Some(VIRTIO_BLK_S_UNSUPP)
+        );
+        // Too many ranges.
+        let tight = Limits {
+            max_write_zeroes_seg: 1,
+            ..limits()
+        };
+        assert!(parse_chain(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0, &chain, &tight).is_err());
+    }
+
+    #[test]
+    fn get_id_fills_at_most_twenty_bytes() {
+        let mem = memory();
+        let (_f, disk) = disk();
+        let chain = [
+            desc(HDR, 16, false),
+            desc(DATA, 32, true),
+            desc(STATUS, 1, true),
+        ];
+        mem.write_slice(&[0xff; 32], GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = parse_chain(&mem, VIRTIO_BLK_T_GET_ID, 0, &chain, &limits())
+            .unwrap_or_else(|r| panic!("{}", r.reason));
+        assert_eq!(r.used_len(), 21);
+        assert_eq!(
+            execute_sync(&r, &disk, &mem, b"serial-1", false),
+            VIRTIO_BLK_S_OK
+        );
+        let mut id = [0u8; 32];
+        mem.read_slice(&mut id, GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&id[..8], b"serial-1");
+        assert!(id[8..20].iter().all(|&b| b == 0));
+        assert!(id[20..].iter().all(|&b| b == 0xff), "wrote past 20 bytes");
     }
 }

@@ -1,0 +1,147 @@
+//! Operator-facing behaviour of the daemons' command lines: capabilities, errors, signals.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+
+use vhost_user_tests::{run_to_exit, Daemon, Result};
+
+#[test]
+fn blk_prints_capabilities() -> Result<()> {
+    let (code, out, _) = run_to_exit("vhost-user-blk", &["--print-capabilities"])?;
+    assert_eq!(code, 0);
+    assert!(out.contains("\"type\": \"block\""), "{out}");
+    assert!(
+        out.contains("read-only") && out.contains("blk-file"),
+        "{out}"
+    );
+    Ok(())
+}
+
+fn one_line_error(args: &[&str], expect: &str) -> Result<()> {
+    let (code, _, err) = run_to_exit("vhost-user-blk", args)?;
+    assert_ne!(code, 0, "{args:?} succeeded");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        err.contains(expect),
+        "{args:?}: expected {expect:?} in {err:?}"
+    );
+    assert!(lines.len() <= 4, "{args:?}: error is not short: {err}");
+    Ok(())
+}
+
+#[test]
+fn blk_set_up_errors_are_one_clear_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("s.sock");
+    let sock = sock.to_string_lossy();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20])?;
+    let img = img.to_string_lossy();
+    one_line_error(&["--file", &img], "--socket-path")?;
+    one_line_error(&["--socket-path", &sock], "--file")?;
+    one_line_error(
+        &["--socket-path", &sock, "--fd", "3", "--file", &img],
+        "exclusive",
+    )?;
+    one_line_error(
+        &["--socket-path", &sock, "--file", "/nonexistent/disk.img"],
+        "/nonexistent/disk.img",
+    )?;
+    one_line_error(
+        &["--socket-path", &sock, "--file", &img, "--queue-size", "3"],
+        "--queue-size",
+    )?;
+    one_line_error(
+        &["--socket-path", &sock, "--file", &img, "--bogus"],
+        "--bogus",
+    )?;
+    one_line_error(
+        &["--socket-path", "/nonexistent-dir/s.sock", "--file", &img],
+        "/nonexistent-dir/s.sock",
+    )?;
+    one_line_error(
+        &[
+            "--socket-path",
+            &sock,
+            "--file",
+            &img,
+            "--socket-group",
+            "no-such-group-x",
+        ],
+        "no-such-group-x",
+    )?;
+    let empty = dir.path().join("empty.img");
+    std::fs::write(&empty, b"")?;
+    one_line_error(
+        &["--socket-path", &sock, "--file", &empty.to_string_lossy()],
+        "empty",
+    )?;
+    // A socket another process is serving.
+    let busy = dir.path().join("busy.sock");
+    let _live = UnixListener::bind(&busy)?;
+    one_line_error(
+        &["--socket-path", &busy.to_string_lossy(), "--file", &img],
+        "already serving",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn blk_socket_mode_and_clean_exit_on_sigterm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20])?;
+    let img_s = img.to_string_lossy().into_owned();
+    let mut d = Daemon::start("vhost-user-blk", &["--file", &img_s])?;
+    assert_eq!(
+        std::fs::metadata(&d.socket)?.permissions().mode() & 0o777,
+        0o600
+    );
+    let status = d.terminate()?;
+    assert!(status.success(), "exit status {status}");
+    assert!(!d.socket.exists(), "socket file left behind");
+    let mut d = Daemon::start(
+        "vhost-user-blk",
+        &["--file", &img_s, "--socket-mode", "0660"],
+    )?;
+    assert_eq!(
+        std::fs::metadata(&d.socket)?.permissions().mode() & 0o777,
+        0o660
+    );
+    assert!(d.terminate()?.success());
+    Ok(())
+}
+
+#[test]
+fn blk_serves_an_inherited_listening_socket() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20])?;
+    let sock = dir.path().join("inherited.sock");
+    let listener = UnixListener::bind(&sock)?;
+    let fd = listener.as_raw_fd();
+    // Clear close-on-exec so the child inherits the socket under the same number.
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    let mut child = Command::new(vhost_user_tests::binary("vhost-user-blk"))
+        .args(["--fd", &fd.to_string(), "--file", &img.to_string_lossy()])
+        .stdin(Stdio::null())
+        .spawn()?;
+    drop(listener);
+    let vmm = vhost_user_tests::TestVmm::connect(
+        &sock,
+        16 << 20,
+        1,
+        64,
+        vhost_user_tests::Negotiate::default(),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let vmm = vmm?;
+    assert!(vmm.offered_features & vhost_user_tests::VIRTIO_F_VERSION_1 != 0);
+    Ok(())
+}
