@@ -62,6 +62,20 @@ fn round_trip(vmm: &mut TestVmm, bufs: &[Buf]) -> Result<Used> {
     Ok(used[0])
 }
 
+/// Submits `bufs` for request `r` and checks the status byte and the used length.
+fn expect(
+    vmm: &mut TestVmm,
+    r: &Req,
+    bufs: &[Buf],
+    status: u8,
+    used_len: u32,
+    what: &str,
+) -> Result<()> {
+    let used = round_trip(vmm, bufs)?;
+    assert_eq!((status_of(vmm, r)?, used.len), (status, used_len), "{what}");
+    Ok(())
+}
+
 fn status_of(vmm: &TestVmm, req: &Req) -> Result<u8> {
     Ok(vmm.ram.read(req.status, 1)?[0])
 }
@@ -195,19 +209,18 @@ fn hostile_chains_get_errors_and_the_daemon_keeps_serving() -> Result<()> {
 
     // Header shorter than 16 bytes: IOERR.
     let r = header(&mut vmm, T_IN, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[
             Buf::readable(r.header, 8),
             Buf::writable(data, 512),
             Buf::writable(r.status, 1),
         ],
+        S_IOERR,
+        1,
+        "short header",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (S_IOERR, 1),
-        "short header"
-    );
 
     // No status byte at all: returned unanswered.
     let r = header(&mut vmm, T_FLUSH, 0)?;
@@ -216,19 +229,18 @@ fn hostile_chains_get_errors_and_the_daemon_keeps_serving() -> Result<()> {
 
     // A descriptor outside guest memory: returned unanswered, nothing touched.
     let r = header(&mut vmm, T_IN, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[
             Buf::readable(r.header, 16),
             Buf::writable(RAM - 256, 4096),
             Buf::writable(r.status, 1),
         ],
+        0xee,
+        0,
+        "buffer outside memory",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (0xee, 0),
-        "buffer outside memory"
-    );
     let used = round_trip(
         &mut vmm,
         &[Buf::readable(u64::MAX - 8, 16), Buf::writable(r.status, 1)],
@@ -237,99 +249,93 @@ fn hostile_chains_get_errors_and_the_daemon_keeps_serving() -> Result<()> {
 
     // Read data in a device-readable buffer: IOERR.
     let r = header(&mut vmm, T_IN, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[
             Buf::readable(r.header, 16),
             Buf::readable(data, 512),
             Buf::writable(r.status, 1),
         ],
+        S_IOERR,
+        1,
+        "readable read buffer",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (S_IOERR, 1),
-        "readable read buffer"
-    );
 
     // Beyond the capacity, straddling the end, and overflowing: IOERR.
     for sector in [DISK_SIZE / 512, DISK_SIZE / 512 - 1, u64::MAX] {
         let r = header(&mut vmm, T_IN, sector)?;
-        let used = round_trip(
+        expect(
             &mut vmm,
+            &r,
             &[
                 Buf::readable(r.header, 16),
                 Buf::writable(data, 1024),
                 Buf::writable(r.status, 1),
             ],
+            S_IOERR,
+            1,
+            "sector {sector}",
         )?;
-        assert_eq!(
-            (status_of(&vmm, &r)?, used.len),
-            (S_IOERR, 1),
-            "sector {sector}"
-        );
     }
 
     // Length not a multiple of 512: IOERR.
     let r = header(&mut vmm, T_OUT, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[
             Buf::readable(r.header, 16),
             Buf::readable(data, 100),
             Buf::writable(r.status, 1),
         ],
+        S_IOERR,
+        1,
+        "partial sector",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (S_IOERR, 1),
-        "partial sector"
-    );
 
     // Unknown request type: UNSUPP.
     let r = header(&mut vmm, 99, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[Buf::readable(r.header, 16), Buf::writable(r.status, 1)],
+        S_UNSUPP,
+        1,
+        "unknown type",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (S_UNSUPP, 1),
-        "unknown type"
-    );
 
     // Discard with a range list of the wrong size, and with flags set: errors.
     let r = header(&mut vmm, T_DISCARD, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[
             Buf::readable(r.header, 16),
             Buf::readable(data, 10),
             Buf::writable(r.status, 1),
         ],
+        S_IOERR,
+        1,
+        "discard list size",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (S_IOERR, 1),
-        "discard list size"
-    );
     let mut range = [0u8; 16];
     range[8..12].copy_from_slice(&8u32.to_le_bytes());
     range[12..16].copy_from_slice(&1u32.to_le_bytes());
     vmm.ram.write(data, &range)?;
     let r = header(&mut vmm, T_DISCARD, 0)?;
-    let used = round_trip(
+    expect(
         &mut vmm,
+        &r,
         &[
             Buf::readable(r.header, 16),
             Buf::readable(data, 16),
             Buf::writable(r.status, 1),
         ],
+        S_UNSUPP,
+        1,
+        "discard flags",
     )?;
-    assert_eq!(
-        (status_of(&vmm, &r)?, used.len),
-        (S_UNSUPP, 1),
-        "discard flags"
-    );
 
     // An indirect table outside memory, and an indirect table pointing outside memory.
     let r = header(&mut vmm, T_IN, 0)?;

@@ -312,9 +312,9 @@ impl IoBuffers {
         let mut iovecs = Vec::with_capacity(data.len());
         host_iovecs(mem, data, &mut iovecs)?;
         let align = disk.direct_alignment();
-        let aligned = iovecs
-            .iter()
-            .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align));
+        let aligned = iovecs.iter().all(|v| {
+            (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align)
+        });
         if !disk.direct() || aligned {
             return Ok(IoBuffers {
                 iovecs,
