@@ -169,6 +169,23 @@ impl ChainBuffers {
     }
 }
 
+/// Takes the next available chain from `vring` and parses it, allowing at most as many
+/// descriptors as the queue has entries. Returns the head (to give back with `add_used`,
+/// whether or not the chain parsed) and the parse result; `None` when the ring is empty.
+pub fn pop_parsed(
+    vring: &vhost_user_backend::VringRwLock<crate::GuestMemoryAtomic>,
+    mem: &GuestMemory,
+) -> Option<(u16, Result<ChainBuffers, ChainError>)> {
+    use vhost_user_backend::VringT;
+    use virtio_queue::QueueT;
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    let max = usize::from(queue.size()).max(1);
+    queue
+        .pop_descriptor_chain(mem)
+        .map(|chain| (chain.head_index(), ChainBuffers::parse(chain, mem, max)))
+}
+
 /// The part `[offset, offset + len)` of the byte stream formed by `segments`.
 pub fn sub_segments(
     segments: &[Segment],

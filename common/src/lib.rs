@@ -11,12 +11,20 @@ pub mod serve;
 pub mod signals;
 
 pub use cli::{ListenArgs, ListenConfig, ListenSource};
-pub use serve::{bind, serve, BoundListener, DaemonBackend};
+pub use serve::{bind, run, serve, BoundListener, DaemonBackend};
 
 /// Guest memory as the rust-vmm backend crates hand it to a backend (no dirty-page bitmap).
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 /// The atomically swappable view of guest memory the frontend updates with SET_MEM_TABLE.
 pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;
+
+/// Locks `mutex`, recovering from poisoning: a panic in one worker must not take the whole
+/// device down, and the device state behind these locks stays usable.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A fresh `(consumer, notifier)` eventfd pair for `VhostUserBackend::exit_event`.
 ///

@@ -41,6 +41,8 @@ pub enum ServeError {
     Backend(io::Error),
     #[error("accepting a frontend connection failed: {0}")]
     Accept(String),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(io::Error),
 }
 
 /// A listening socket, and the path to remove at exit if we created it.
@@ -174,6 +176,44 @@ where
     ) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// A daemon's whole life after its device is ready: binds the socket, arranges for SIGTERM and
+/// SIGINT to run `on_exit` and remove the socket we created, then serves frontends forever.
+///
+/// `on_exit` is the device's last words (flush a disk, remove pty links); it also runs when the
+/// socket cannot be bound, so nothing the device created outlives a failed start.
+pub fn run<B, F, X>(
+    name: &str,
+    config: &ListenConfig,
+    on_exit: X,
+    new_backend: F,
+) -> Result<(), ServeError>
+where
+    B: DaemonBackend,
+    B::Vring: Clone + Send + Sync,
+    F: FnMut() -> io::Result<B>,
+    X: FnOnce() + Send + 'static,
+{
+    let mut listener = match bind(config) {
+        Ok(listener) => listener,
+        Err(e) => {
+            on_exit();
+            return Err(e);
+        }
+    };
+    let socket = listener.created_path().map(ToOwned::to_owned);
+    if let Some(path) = &socket {
+        log::info!("listening on {}", path.display());
+    }
+    crate::signals::exit_on_termination(move || {
+        on_exit();
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
+    })
+    .map_err(ServeError::Signals)?;
+    serve(name, &mut listener, new_backend)
 }
 
 /// Serves frontends one after another on `listener`, forever (until a signal ends the process).

@@ -12,13 +12,12 @@ use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, Vring
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use vhost_user_common::chain::ChainBuffers;
-use vhost_user_common::{exit_event_pair, DaemonBackend, GuestMemory, GuestMemoryAtomic};
+use vhost_user_common::chain::pop_parsed;
+use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemory, GuestMemoryAtomic};
 
 use crate::disk::Disk;
 use crate::engine::{write_status, Completion, EngineKind, UringEngine};
@@ -120,9 +119,7 @@ impl BlkBackend {
 
     fn worker(&self, index: usize) -> Option<MutexGuard<'_, QueueWorker>> {
         // A poisoned lock means a worker panicked; keep serving the other queues.
-        self.workers
-            .get(index)
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+        self.workers.get(index).map(lock)
     }
 
     fn write_through(&self) -> bool {
@@ -195,17 +192,13 @@ impl QueueWorker {
         let event_idx = backend.event_idx.load(Ordering::Relaxed);
         let write_through = backend.write_through();
         let serial = backend.settings.serial.as_slice();
-        let max_descriptors = usize::from(backend.settings.queue_size).max(1);
         loop {
             if event_idx {
-                vring.disable_notification().map_err(io_error)?;
+                vring.disable_notification().map_err(io::Error::other)?;
             }
             let mem: Arc<GuestMemory> = atomic.memory().into_inner();
-            loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let buffers = match ChainBuffers::parse(chain, &mem, max_descriptors) {
+            while let Some((head, parsed)) = pop_parsed(vring, &mem) {
+                let buffers = match parsed {
                     Ok(b) => b,
                     Err(e) => {
                         self.reject(format_args!("malformed chain {head}: {e}"));
@@ -252,7 +245,7 @@ impl QueueWorker {
                     }
                 }
             }
-            if !event_idx || !vring.enable_notification().map_err(io_error)? {
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
@@ -302,7 +295,7 @@ impl QueueWorker {
                 );
             }
         }
-        if vring.needs_notification().map_err(io_error)? {
+        if vring.needs_notification().map_err(io::Error::other)? {
             vring.signal_used_queue()?;
         }
         Ok(())
@@ -315,10 +308,6 @@ impl QueueWorker {
             log::warn!("{what} (guest errors so far: {})", self.rejected);
         }
     }
-}
-
-fn io_error(e: virtio_queue::Error) -> io::Error {
-    io::Error::other(e.to_string())
 }
 
 impl VhostUserBackend for BlkBackend {

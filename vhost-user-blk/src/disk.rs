@@ -357,6 +357,16 @@ impl AlignedBuf {
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live, initialised (zeroed) allocation of `len()` bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
+    }
 }
 
 impl Drop for AlignedBuf {

@@ -174,22 +174,17 @@ impl UringEngine {
         if self.unsubmitted == 0 {
             return Ok(());
         }
+        // EBUSY/EAGAIN mean completion-queue pressure: the caller reaps, then submits again.
         loop {
             match self.ring.submit() {
-                Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EBUSY)
-                        || e.raw_os_error() == Some(libc::EAGAIN) =>
-                {
-                    // Completion queue pressure: the caller reaps, then we submit again.
-                    return Err(e);
-                }
                 Err(e) => return Err(e),
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
             }
         }
-        self.unsubmitted = 0;
-        Ok(())
     }
 
     /// Collects finished requests into `out`.
@@ -201,12 +196,9 @@ impl UringEngine {
         out: &mut Vec<Completion>,
     ) {
         let _ = self.eventfd.read();
-        let finished: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user_data, result) in finished {
+        // Borrows only the ring, so the slots can be updated while iterating: no allocation.
+        for cqe in self.ring.completion() {
+            let (user_data, result) = (cqe.user_data(), cqe.result());
             let Some(entry) = usize::try_from(user_data)
                 .ok()
                 .and_then(|i| self.slots.get_mut(i))

@@ -13,7 +13,7 @@ pub mod request;
 
 use std::sync::Arc;
 
-use vhost_user_common::{serve, signals};
+use vhost_user_common::serve;
 
 pub use args::{Args, Config};
 use backend::{BlkBackend, DeviceSettings};
@@ -31,8 +31,6 @@ pub enum RunError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
 }
 
 /// Opens the disk, binds the socket and serves frontends until SIGTERM/SIGINT.
@@ -59,23 +57,14 @@ pub fn run(config: Config) -> Result<(), RunError> {
         engine: config.engine,
         logical_block_size: config.logical_block_size,
     };
-    let mut listener = serve::bind(&config.listen)?;
-    let socket = listener.created_path().map(ToOwned::to_owned);
     let exit_disk = disk.clone();
-    signals::exit_on_termination(move || {
+    let on_exit = move || {
         // Whatever the guest wrote reaches stable storage before we go.
         if let Err(e) = exit_disk.flush() {
             log::error!("{}: flush at exit failed: {e}", exit_disk.path().display());
         }
-        if let Some(path) = socket {
-            let _ = std::fs::remove_file(path);
-        }
-    })
-    .map_err(RunError::Signals)?;
-    if let Some(path) = listener.created_path() {
-        log::info!("listening on {}", path.display());
-    }
-    serve::serve("vhost-user-blk", &mut listener, || {
+    };
+    serve::run("vhost-user-blk", &config.listen, on_exit, || {
         Ok(BlkBackend::new(disk.clone(), settings.clone()))
     })?;
     Ok(())

@@ -321,13 +321,15 @@ impl IoBuffers {
                 bounce: None,
             });
         }
-        let bounce = AlignedBuf::new(len as usize, align.max(4096))?;
+        let mut bounce = AlignedBuf::new(len as usize, align.max(4096))?;
         if is_write {
             let mut at = 0usize;
             for seg in data {
                 let n = seg.len as usize;
-                // SAFETY: `at + n <= len` (the segments add up to `len`) and the buffer is ours.
-                let dst = unsafe { std::slice::from_raw_parts_mut(bounce.as_ptr().add(at), n) };
+                // The segments add up to `len`, the bounce buffer's size.
+                let Some(dst) = bounce.as_mut_slice().get_mut(at..at + n) else {
+                    break;
+                };
                 mem.read_slice(dst, seg.addr)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 at += n;
@@ -351,11 +353,9 @@ impl IoBuffers {
         let mut at = 0usize;
         for seg in data {
             let n = seg.len as usize;
-            if at + n > bounce.len() {
+            let Some(src) = bounce.as_slice().get(at..at + n) else {
                 break;
-            }
-            // SAFETY: `at + n` is within the bounce buffer (checked above), which we own.
-            let src = unsafe { std::slice::from_raw_parts(bounce.as_ptr().add(at), n) };
+            };
             mem.write_slice(src, seg.addr)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             at += n;

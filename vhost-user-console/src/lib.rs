@@ -24,8 +24,6 @@ pub enum RunError {
     Serve(#[from] ServeError),
     #[error("{0}")]
     Endpoint(std::io::Error),
-    #[error("cannot install the signal handlers: {0}")]
-    Signals(std::io::Error),
 }
 
 /// Binds the vhost-user socket, opens the ports' endpoints and serves frontends until a
@@ -33,25 +31,14 @@ pub enum RunError {
 pub fn run(config: Config) -> Result<(), RunError> {
     // Endpoints first: once the vhost-user socket exists, the console is ready to attach.
     let host = Host::open(&config).map_err(RunError::Endpoint)?;
-    let mut cleanup = host.cleanup_paths();
-    let mut listener = match vhost_user_common::bind(&config.listen) {
-        Ok(listener) => listener,
-        Err(e) => {
-            for path in &cleanup {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(e.into());
-        }
-    };
-    cleanup.extend(listener.created_path().map(ToOwned::to_owned));
-    vhost_user_common::signals::exit_on_termination(move || {
+    let cleanup = host.cleanup_paths();
+    let on_exit = move || {
         for path in &cleanup {
             let _ = std::fs::remove_file(path);
         }
-    })
-    .map_err(RunError::Signals)?;
+    };
     let host = Arc::new(Mutex::new(host));
-    vhost_user_common::serve("vhost-user-console", &mut listener, || {
+    vhost_user_common::run("vhost-user-console", &config.listen, on_exit, || {
         Ok(ConsoleBackend::new(host.clone()))
     })?;
     Ok(())

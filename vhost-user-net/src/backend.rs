@@ -12,12 +12,12 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use vhost_user_common::chain::{host_iovecs, ChainBuffers};
-use vhost_user_common::{DaemonBackend, GuestMemory, GuestMemoryAtomic};
+use vhost_user_common::chain::{host_iovecs, pop_parsed};
+use vhost_user_common::{lock, DaemonBackend, GuestMemory, GuestMemoryAtomic};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -153,12 +153,6 @@ pub struct NetBackend {
     inner: Arc<Inner>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl NetBackend {
     /// A backend for one frontend session over the (already open) tap.
     pub fn new(config: Config, tap: Arc<Tap>, stats: Arc<Stats>) -> NetBackend {
@@ -268,14 +262,7 @@ impl NetBackend {
         let mut used_any = false;
         let mut iovecs = Vec::new();
         loop {
-            let popped = {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                let max = usize::from(queue.size());
-                queue
-                    .pop_descriptor_chain(mem)
-                    .map(|chain| (chain.head_index(), ChainBuffers::parse(chain, mem, max)))
-            };
+            let popped = pop_parsed(vring, mem);
             let Some((head, parsed)) = popped else {
                 match vring.enable_notification() {
                     Ok(true) => continue,
@@ -350,14 +337,7 @@ impl NetBackend {
         hdr_len: usize,
     ) -> io::Result<bool> {
         let stats = &self.inner.stats;
-        let popped = {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            let max = usize::from(queue.size());
-            queue
-                .pop_descriptor_chain(mem)
-                .map(|chain| (chain.head_index(), ChainBuffers::parse(chain, mem, max)))
-        };
+        let popped = pop_parsed(vring, mem);
         match popped {
             Some((head, parsed)) => match rx::check_chain(head, parsed, hdr_len) {
                 Ok(chain) => pair.rx_held.push(chain),

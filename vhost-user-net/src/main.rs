@@ -26,17 +26,12 @@ fn run(args: Args) -> Result<(), String> {
     );
     let tap = Arc::new(tap);
     let stats = Arc::new(Stats::default());
-    let mut listener = vhost_user_common::bind(&config.listen).map_err(|e| e.to_string())?;
-    let socket = listener.created_path().map(|p| p.to_owned());
-    vhost_user_common::signals::exit_on_termination(move || {
-        if let Some(path) = socket {
-            let _ = std::fs::remove_file(path);
-        }
-    })
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    vhost_user_common::serve("vhost-user-net", &mut listener, || {
-        Ok(NetBackend::new(config.clone(), tap.clone(), stats.clone()))
-    })
+    vhost_user_common::run(
+        "vhost-user-net",
+        &config.listen,
+        || {},
+        || Ok(NetBackend::new(config.clone(), tap.clone(), stats.clone())),
+    )
     .map_err(|e| e.to_string())
 }
 
