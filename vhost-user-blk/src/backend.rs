@@ -479,19 +479,9 @@ impl DaemonBackend for BlkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::DiskOptions;
 
     fn backend(readonly: bool) -> (tempfile::NamedTempFile, BlkBackend) {
-        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
-        file.as_file()
-            .set_len(1 << 20)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let disk = Disk::open(&DiskOptions {
-            path: file.path().to_owned(),
-            readonly,
-            direct: false,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (file, disk) = crate::disk::temp_disk(1 << 20, readonly);
         let settings = DeviceSettings {
             num_queues: 2,
             queue_size: 64,

@@ -382,28 +382,30 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// A temporary file of `len` bytes opened as a disk: the fixture of this crate's unit tests.
+#[cfg(test)]
+pub(crate) fn temp_disk(len: u64, readonly: bool) -> (tempfile::NamedTempFile, Disk) {
+    let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+    file.as_file()
+        .set_len(len)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let disk = Disk::open(&DiskOptions {
+        path: file.path().to_owned(),
+        readonly,
+        direct: false,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    (file, disk)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    fn disk_with(len: u64, readonly: bool) -> (tempfile::NamedTempFile, Disk) {
-        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
-        file.as_file()
-            .set_len(len)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let disk = Disk::open(&DiskOptions {
-            path: file.path().to_owned(),
-            readonly,
-            direct: false,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        (file, disk)
-    }
-
     #[test]
     fn vectored_io_round_trips() {
-        let (_f, disk) = disk_with(1 << 20, false);
+        let (_f, disk) = temp_disk(1 << 20, false);
         let mut a = vec![1u8; 512];
         let mut b = vec![2u8; 1024];
         let iov = [
@@ -431,7 +433,7 @@ mod tests {
 
     #[test]
     fn read_past_end_is_an_error() {
-        let (_f, disk) = disk_with(4096, false);
+        let (_f, disk) = temp_disk(4096, false);
         let mut buf = vec![0u8; 1024];
         let iov = [libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -442,7 +444,7 @@ mod tests {
 
     #[test]
     fn zeroes_and_discard_read_back_zero() {
-        let (f, disk) = disk_with(1 << 20, false);
+        let (f, disk) = temp_disk(1 << 20, false);
         f.as_file()
             .write_all_at(&vec![0xaa; 1 << 20], 0)
             .unwrap_or_else(|e| panic!("{e}"));

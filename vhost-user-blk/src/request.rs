@@ -436,7 +436,6 @@ pub fn kind_name(op: &Operation) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::DiskOptions;
     use std::os::unix::fs::FileExt;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -490,17 +489,7 @@ mod tests {
     }
 
     fn disk() -> (tempfile::NamedTempFile, Disk) {
-        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
-        file.as_file()
-            .set_len(2048 * 512)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let disk = Disk::open(&DiskOptions {
-            path: file.path().to_owned(),
-            readonly: false,
-            direct: false,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        (file, disk)
+        crate::disk::temp_disk(2048 * 512, false)
     }
 
     #[test]
