@@ -17,6 +17,10 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod guest;
+pub mod netns;
+pub mod qemu;
+
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -94,14 +98,16 @@ impl Daemon {
             }
             None => Command::new(binary(bin)),
         };
+        // One open file description for both streams, so their writes append, not overwrite.
+        let log_file = File::create(&log)?;
         let child = command
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
-            .stdout(File::create(&log)?)
-            .stderr(File::create(&log)?)
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
             .spawn()?;
         let mut daemon = Daemon {
             child,

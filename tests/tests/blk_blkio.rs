@@ -105,9 +105,19 @@ fn wait_many(q: &mut Blkioq, count: usize) -> Result<usize> {
 }
 
 fn disk_file(size: u64) -> Result<tempfile::NamedTempFile> {
-    let file = tempfile::NamedTempFile::new_in(std::env::temp_dir())?;
+    disk_file_in(&std::env::temp_dir(), size)
+}
+
+fn disk_file_in(dir: &Path, size: u64) -> Result<tempfile::NamedTempFile> {
+    let file = tempfile::NamedTempFile::new_in(dir)?;
     file.as_file().set_len(size)?;
     Ok(file)
+}
+
+/// A directory on tmpfs, where the daemon runs requests inline and large reads on copy threads.
+fn memory_dir() -> Option<&'static Path> {
+    let shm = Path::new("/dev/shm");
+    shm.is_dir().then_some(shm)
 }
 
 fn start(file: &Path, extra: &[&str]) -> Result<Daemon> {
@@ -120,7 +130,10 @@ fn start(file: &Path, extra: &[&str]) -> Result<Daemon> {
 /// Random writes of random sizes at random sector offsets, then every region read back and
 /// compared with a model of the disk, then the backing file compared with the model.
 fn random_read_after_write(extra: &[&str]) -> Result<()> {
-    let file = disk_file(DISK_SIZE)?;
+    random_read_after_write_on(disk_file(DISK_SIZE)?, extra)
+}
+
+fn random_read_after_write_on(file: tempfile::NamedTempFile, extra: &[&str]) -> Result<()> {
     let daemon = start(file.path(), extra)?;
     let mut client = Client::connect(&daemon.socket, 1)?;
     assert_eq!(client.capacity()?, DISK_SIZE);
@@ -181,6 +194,113 @@ fn read_after_write_sync_engine() -> Result<()> {
 #[test]
 fn read_after_write_direct_io() -> Result<()> {
     random_read_after_write(&["--direct", "--num-queues", "2"])
+}
+
+#[test]
+fn read_after_write_polling() -> Result<()> {
+    random_read_after_write(&["--poll-us", "200"])
+}
+
+#[test]
+fn read_after_write_on_tmpfs() -> Result<()> {
+    let Some(dir) = memory_dir() else {
+        eprintln!("no /dev/shm; skipped");
+        return Ok(());
+    };
+    random_read_after_write_on(disk_file_in(dir, DISK_SIZE)?, &["--poll-us", "50"])
+}
+
+/// Many large reads at once on a tmpfs file: all but one of each batch run on the copy threads.
+/// Every one must bring back its own part of the file.
+#[test]
+fn large_reads_in_flight_on_tmpfs() -> Result<()> {
+    let Some(dir) = memory_dir() else {
+        eprintln!("no /dev/shm; skipped");
+        return Ok(());
+    };
+    const LEN: usize = 128 << 10;
+    const COUNT: usize = 32;
+    let file = disk_file_in(dir, DISK_SIZE)?;
+    let content: Vec<u8> = (0..COUNT * LEN)
+        .map(|i| ((i / 512) as u8) ^ (i as u8).wrapping_mul(31))
+        .collect();
+    file.as_file().write_all_at(&content, 0)?;
+    let daemon = start(file.path(), &[])?;
+    let mut client = Client::connect(&daemon.socket, 1)?;
+    for round in 0..4 {
+        // Each round reads other chunks into the buffers.
+        let mut expected = Vec::new();
+        for i in 0..COUNT / 2 {
+            let chunk = (i * 7 + round) % COUNT;
+            let buf = client.buf(i * LEN, LEN);
+            client.queues[0].read((chunk * LEN) as u64, buf, LEN, i, ReqFlags::empty());
+            expected.push(chunk);
+        }
+        assert_eq!(wait_many(&mut client.queues[0], COUNT / 2)?, 0);
+        for (i, chunk) in expected.into_iter().enumerate() {
+            assert!(
+                client.copy_out(i * LEN, LEN) == content[chunk * LEN..(chunk + 1) * LEN],
+                "round {round}: read of chunk {chunk} into buffer {i} differs"
+            );
+        }
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("memory file system"), "{log}");
+    Ok(())
+}
+
+/// `--poll-us` with a driver that did not negotiate EVENT_IDX (our own test VMM, not blkio):
+/// requests are served, and once the poll window has passed with nothing to do the daemon has
+/// turned guest notifications back on (used ring flags 0), so the next kick is not lost.
+#[test]
+fn polling_without_event_idx() -> Result<()> {
+    use vhost_user_tests::{Buf, Negotiate, TestVmm, VIRTIO_RING_F_EVENT_IDX};
+    let file = disk_file(DISK_SIZE)?;
+    let daemon = start(file.path(), &["--poll-us", "2000"])?;
+    let negotiate = Negotiate {
+        features: !VIRTIO_RING_F_EVENT_IDX,
+        ..Negotiate::default()
+    };
+    let mut vmm = TestVmm::connect(&daemon.socket, 64 << 20, 1, 256, negotiate)?;
+    assert_eq!(vmm.acked_features & VIRTIO_RING_F_EVENT_IDX, 0);
+    for round in 0..4u8 {
+        let sector = u64::from(round) * 8;
+        let (header, status, data) = (
+            vmm.ram.alloc(16, 16),
+            vmm.ram.alloc(1, 1),
+            vmm.ram.alloc(4096, 512),
+        );
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        vmm.ram.write(header, &h)?;
+        vmm.ram.write(data, &[round + 1; 4096])?;
+        vmm.ram.write(status, &[0xee])?;
+        let (ram, q) = vmm.queue(0);
+        q.submit(
+            ram,
+            &[
+                Buf::readable(header, 16),
+                Buf::readable(data, 4096),
+                Buf::writable(status, 1),
+            ],
+        )?;
+        q.wait_used(ram, 1, Duration::from_secs(10))?;
+        assert_eq!(ram.read(status, 1)?, [0], "round {round}: write status");
+        // Past the poll window the thread sleeps, with notifications on again.
+        std::thread::sleep(Duration::from_millis(30));
+        let (ram, q) = vmm.queue(0);
+        assert_eq!(ram.read(q.used, 2)?, [0, 0], "round {round}: used flags");
+        let mut back = [0u8; 4096];
+        file.as_file().read_exact_at(&mut back, sector * 512)?;
+        assert!(back.iter().all(|&b| b == round + 1), "round {round}: data");
+    }
+    Ok(())
+}
+
+#[test]
+fn all_queues_polling() -> Result<()> {
+    all_queues_with(&["--poll-us", "100"])
 }
 
 #[test]
@@ -290,9 +410,15 @@ fn readonly_disk_refuses_writes_and_serves_reads() -> Result<()> {
 
 #[test]
 fn all_queues_at_once() -> Result<()> {
+    all_queues_with(&[])
+}
+
+fn all_queues_with(extra: &[&str]) -> Result<()> {
     const QUEUES: usize = 4;
     let file = disk_file(DISK_SIZE)?;
-    let daemon = start(file.path(), &["--num-queues", "4"])?;
+    let mut args = vec!["--num-queues", "4"];
+    args.extend_from_slice(extra);
+    let daemon = start(file.path(), &args)?;
     let mut client = Client::connect(&daemon.socket, QUEUES as i32)?;
     assert_eq!(client.queues.len(), QUEUES);
     let region = client.region;

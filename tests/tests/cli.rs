@@ -56,6 +56,17 @@ fn blk_set_up_errors_are_one_clear_line() -> Result<()> {
         "--bogus",
     )?;
     one_line_error(
+        &[
+            "--socket-path",
+            &sock,
+            "--file",
+            &img,
+            "--poll-us",
+            "5000000",
+        ],
+        "--poll-us",
+    )?;
+    one_line_error(
         &["--socket-path", "/nonexistent-dir/s.sock", "--file", &img],
         "/nonexistent-dir/s.sock",
     )?;

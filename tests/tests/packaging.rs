@@ -1,6 +1,9 @@
 //! What `dist/` ships: the systemd units (checked by `systemd-analyze verify` and against the
 //! hardening they promise), the QEMU vhost-user descriptors (checked against each binary's
 //! `--print-capabilities`), and socket activation with `Type=notify` readiness, end to end.
+//! And what `cargo xtask` generates from the clap definitions: the man pages (every flag
+//! `--help` lists, rendered by groff without a warning) and the shell completions.
+//! The Debian package itself is checked in `deb.rs`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -306,5 +309,256 @@ fn blk_serves_a_socket_activated_listener_and_notifies_readiness() -> Result<()>
         "daemon exited\n{}",
         daemon_log()
     );
+    Ok(())
+}
+
+/// `program` in `PATH`, or a failure naming the Debian package that has it: no silent skip.
+fn required_tool(program: &str, package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{program} not found in PATH: install Debian's `{package}` package (.ci/run does)")
+    })
+}
+
+/// `program` in `PATH`, when it is there.
+fn optional_tool(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The long flags the daemon's `--help` lists (`--socket-path`, ...), in order.
+fn long_flags(name: &str) -> Result<Vec<String>> {
+    let (code, help, err) = run_to_exit(name, &["--help"])?;
+    assert_eq!(code, 0, "{name} --help: {err}");
+    let mut flags = Vec::new();
+    for line in help.lines().map(str::trim_start) {
+        if !line.starts_with('-') {
+            continue;
+        }
+        // "-s, --socket-path <PATH>  text": the flags come before the first value or text.
+        for word in line
+            .split([' ', ','])
+            .take_while(|w| w.is_empty() || w.starts_with('-'))
+        {
+            if let Some(flag) = word.strip_prefix("--") {
+                if !flag.is_empty() {
+                    flags.push(format!("--{flag}"));
+                }
+            }
+        }
+    }
+    assert!(
+        flags.iter().any(|f| f == "--socket-path") && flags.iter().any(|f| f == "--help"),
+        "{name} --help: flags not found in\n{help}"
+    );
+    Ok(flags)
+}
+
+/// Runs groff on a man page; returns (stdout, stderr).
+fn groff(page: &Path, args: &[&str]) -> Result<(String, String)> {
+    let out = Command::new(required_tool("groff", "groff-base"))
+        .args(["-man", "-ww"])
+        .args(args)
+        .arg(page)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "groff {args:?} {}: {}",
+        page.display(),
+        out.status
+    );
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn man_pages_document_every_flag_and_render_without_warnings() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pages = xtask::write_man_pages(dir.path(), "2025-01-01")?;
+    assert_eq!(pages.len(), xtask::DAEMONS.len());
+    for (daemon, page) in xtask::DAEMONS.iter().zip(&pages) {
+        let name = daemon.name;
+        let source = std::fs::read_to_string(page)?;
+        assert!(source.is_ascii(), "{name}.1: not plain ASCII roff");
+
+        // As man(1) shows it on an 80-column terminal: no warning, no line overflowing.
+        let (text, warnings) = groff(page, &["-Tutf8", "-P-cbou", "-rLL=80n", "-rCHECKSTYLE=3"])?;
+        assert!(warnings.is_empty(), "{name}.1: groff warns:\n{warnings}");
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "{name}.1: line wider than 80 columns:\n{line}"
+            );
+        }
+        if let Some(man) = optional_tool("man") {
+            let out = Command::new(man)
+                .args(["--warnings", "-E", "UTF-8", "-l"])
+                .arg(page)
+                .env("MANWIDTH", "80")
+                .output()?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.trim().is_empty(),
+                "man -l {name}.1: {}\n{stderr}",
+                out.status
+            );
+        }
+
+        // Plain text, long lines: every flag `--help` lists, every section, in order.
+        let (plain, _) = groff(page, &["-Tascii", "-P-cbou", "-rLL=1000n"])?;
+        for flag in long_flags(name)? {
+            assert!(
+                plain.contains(&flag),
+                "{name}.1 does not mention {flag}, which `{name} --help` lists"
+            );
+        }
+        let mut at = 0;
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "OPTIONS",
+            "EXIT STATUS",
+            "SIGNALS",
+            "ENVIRONMENT",
+            "FILES",
+            "EXAMPLES",
+            "SEE ALSO",
+        ] {
+            let heading = format!("\n{section}\n");
+            let found = plain[at..]
+                .find(&heading)
+                .unwrap_or_else(|| panic!("{name}.1: no {section} section after byte {at}"));
+            at += found + heading.len() - 1;
+        }
+        let expected = [
+            format!("{name} - "),
+            "RUST_LOG".to_string(),
+            "LISTEN_FDS".to_string(),
+            "NOTIFY_SOCKET".to_string(),
+            "SIGTERM".to_string(),
+            format!("/etc/vhost-user/{}/", daemon.short),
+            format!("/lib/systemd/system/{name}@.service"),
+            format!("/usr/share/qemu/vhost-user/50-{name}.json"),
+            format!("{name} --socket-path"),
+            "qemu-system-x86_64".to_string(),
+        ];
+        for text in expected {
+            assert!(plain.contains(&text), "{name}.1 does not mention {text:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Completes `words` (the last one being completed) with `daemon`'s bash completion script.
+fn bash_complete(script: &Path, name: &str, words: &[&str]) -> Result<Vec<String>> {
+    let program = r#"
+        source "$1"; shift
+        spec=$(complete -p "$1") || exit 3
+        function=${spec#*-F }; function=${function%% *}
+        COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
+        previous=""; [ $# -gt 1 ] && previous=${COMP_WORDS[COMP_CWORD - 1]}
+        "$function" "$1" "${COMP_WORDS[COMP_CWORD]}" "$previous"
+        printf '%s\n' "${COMPREPLY[@]}"
+    "#;
+    let out = Command::new(required_tool("bash", "bash"))
+        .arg("-c")
+        .arg(program)
+        .arg("bash")
+        .arg(script)
+        .arg(name)
+        .args(words)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "bash completion of {name} {words:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn completions_are_generated_for_every_shell_and_bash_completes_the_flags() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let written = xtask::write_completions(dir.path())?;
+    for daemon in &xtask::DAEMONS {
+        let name = daemon.name;
+        for file in [
+            format!("bash/{name}"),
+            format!("zsh/_{name}"),
+            format!("fish/{name}.fish"),
+        ] {
+            let path = dir.path().join(&file);
+            assert!(written.contains(&path), "{file} not written");
+            let text = std::fs::read_to_string(&path)?;
+            assert!(
+                text.contains(name) && text.contains("socket-path"),
+                "{file}: no completion for {name}"
+            );
+        }
+
+        let bash = dir.path().join(format!("bash/{name}"));
+        let out = Command::new(required_tool("bash", "bash"))
+            .arg("-n")
+            .arg(&bash)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "bash -n {}: {}",
+            bash.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // zsh and fish are not on a default Debian system: checked where they are.
+        for (shell, flag, file) in [
+            ("zsh", "-n", format!("zsh/_{name}")),
+            ("fish", "--no-execute", format!("fish/{name}.fish")),
+        ] {
+            if let Some(program) = optional_tool(shell) {
+                let out = Command::new(program)
+                    .arg(flag)
+                    .arg(dir.path().join(&file))
+                    .output()?;
+                assert!(
+                    out.status.success(),
+                    "{shell} {flag} {file}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+
+        // Every flag --help lists is offered after "--".
+        let offered = bash_complete(&bash, name, &[name, "--"])?;
+        for flag in long_flags(name)? {
+            assert!(
+                offered.contains(&flag),
+                "bash completion of `{name} --` lacks {flag}: {offered:?}"
+            );
+        }
+    }
+    let blk = dir.path().join("bash/vhost-user-blk");
+    assert_eq!(
+        bash_complete(&blk, "vhost-user-blk", &["vhost-user-blk", "--num-q"])?,
+        ["--num-queues"]
+    );
+    let mut engines = bash_complete(
+        &blk,
+        "vhost-user-blk",
+        &["vhost-user-blk", "--io-engine", ""],
+    )?;
+    engines.sort();
+    assert_eq!(engines, ["io_uring", "sync"]);
     Ok(())
 }

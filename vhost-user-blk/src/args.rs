@@ -10,6 +10,9 @@ use crate::disk::DiskOptions;
 use crate::engine::EngineKind;
 use crate::request::ID_BYTES;
 
+/// The longest `--poll-us` accepted.
+pub const MAX_POLL_US: u32 = 10_000;
+
 /// vhost-user virtio-blk backend: serves a file or block device to a VMM over a UNIX socket.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "vhost-user-blk", version, about, long_about = None)]
@@ -54,6 +57,12 @@ pub struct Args {
     /// I/O engine for reads, writes and flushes.
     #[arg(long, value_enum, default_value_t = EngineKind::IoUring)]
     pub io_engine: EngineKind,
+
+    /// After serving requests, each queue thread busy-polls the queue (and its io_uring) for
+    /// this many microseconds before it sleeps: lower latency without guest notifications, at
+    /// the cost of up to one busy CPU per active queue. 0 disables polling.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0)]
+    pub poll_us: u32,
 }
 
 /// Everything the daemon needs, validated.
@@ -66,6 +75,8 @@ pub struct Config {
     pub serial: Option<String>,
     pub logical_block_size: u32,
     pub engine: EngineKind,
+    /// Busy-poll time after work (zero: no polling).
+    pub poll: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +93,8 @@ pub enum ConfigError {
     SerialTooLong(String, usize),
     #[error("--logical-block-size {0}: must be 512 or 4096")]
     LogicalBlockSize(u32),
+    #[error("--poll-us {0}: must be at most {MAX_POLL_US} (10 ms)")]
+    PollUs(u32),
 }
 
 impl TryFrom<Args> for Config {
@@ -103,6 +116,9 @@ impl TryFrom<Args> for Config {
         if args.logical_block_size != 512 && args.logical_block_size != 4096 {
             return Err(ConfigError::LogicalBlockSize(args.logical_block_size));
         }
+        if args.poll_us > MAX_POLL_US {
+            return Err(ConfigError::PollUs(args.poll_us));
+        }
         Ok(Config {
             listen: args.listen.listen_config()?,
             disk: DiskOptions {
@@ -115,6 +131,7 @@ impl TryFrom<Args> for Config {
             serial: args.serial,
             logical_block_size: args.logical_block_size,
             engine: args.io_engine,
+            poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
         })
     }
 }
@@ -154,5 +171,8 @@ mod tests {
         );
         assert!(parse(&["--logical-block-size", "1024"]).is_err_and(|e| e.contains("512 or 4096")));
         assert!(parse(&["--io-engine", "sync"]).is_ok_and(|c| c.engine == EngineKind::Sync));
+        assert!(parse(&["--poll-us", "20000"]).is_err_and(|e| e.contains("--poll-us")));
+        assert!(parse(&["--poll-us", "50"])
+            .is_ok_and(|c| c.poll == std::time::Duration::from_micros(50)));
     }
 }

@@ -6,12 +6,14 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -21,7 +23,8 @@ use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemory, Guest
 
 use crate::disk::Disk;
 use crate::engine::{write_status, Completion, EngineKind, UringEngine};
-use crate::request::{self, execute_sync, Limits, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::pool::{CopyPool, Offload, SPLIT_MIN_BYTES};
+use crate::request::{self, execute_sync, Limits, Operation, Request, SECTOR_SHIFT, SECTOR_SIZE};
 
 /// Largest single discard / write-zeroes range we accept (1 GiB): bounds the time one request
 /// can hold a worker.
@@ -33,6 +36,8 @@ const SIZE_MAX: u32 = 1 << 20;
 /// more fields, which read as zero).
 const CONFIG_SPACE_MAX: usize = 256;
 const CONFIG_WRITEBACK_OFFSET: u32 = 32;
+/// Longest a queue thread keeps polling without returning to its event loop.
+const POLL_SESSION_MAX: Duration = Duration::from_millis(20);
 
 /// Device settings that outlive a frontend connection.
 #[derive(Debug, Clone)]
@@ -42,6 +47,8 @@ pub struct DeviceSettings {
     pub serial: Vec<u8>,
     pub engine: EngineKind,
     pub logical_block_size: u32,
+    /// How long a queue thread keeps polling for more work before it sleeps (0: never polls).
+    pub poll: Duration,
 }
 
 /// A virtio-blk device served to one frontend connection.
@@ -60,6 +67,10 @@ pub struct BlkBackend {
 struct QueueWorker {
     mem: Option<GuestMemoryAtomic>,
     uring: Option<UringEngine>,
+    /// Copy threads for reads, when requests run inline (memory file systems).
+    offload: Option<Offload>,
+    /// Reads of the current batch, to be shared between this thread and the copy threads.
+    reads: Vec<(u16, Request)>,
     vring: Option<VringRwLock>,
     completions: Vec<Completion>,
     rejected: u64,
@@ -78,10 +89,45 @@ impl BlkBackend {
             max_write_zeroes_seg: MAX_DISCARD_SEG,
         };
         let mut warned = false;
+        // On a memory file system the kernel cannot read or write without blocking (no
+        // IOCB_NOWAIT), so io_uring would hand every request to one of its worker threads: two
+        // more thread switches per request for what is a memory copy. Copying in the queue's
+        // own thread is cheaper and faster.
+        let inline = settings.engine == EngineKind::IoUring && disk.memory_backed();
+        if inline {
+            log::info!(
+                "{}: on a memory file system; reads and writes run in the queue threads",
+                disk.path().display()
+            );
+        }
+        // Copy threads only use CPUs the queue threads leave idle.
+        let spare_cpus = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(usize::from(settings.num_queues))
+            .min(8);
+        let pool = if inline && spare_cpus > 0 && std::env::var_os("VUB_EXPERIMENT_NO_POOL").is_none() {
+            match CopyPool::new(spare_cpus) {
+                Ok(pool) => Some(Arc::new(pool)),
+                Err(e) => {
+                    log::warn!("cannot start copy threads ({e}); large requests run inline");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let workers = (0..settings.num_queues)
             .map(|_| {
+                let offload = pool.clone().and_then(|pool| match Offload::new(pool) {
+                    Ok(offload) => Some(offload),
+                    Err(e) => {
+                        log::warn!("cannot create a copy eventfd ({e}); large requests run inline");
+                        None
+                    }
+                });
                 let uring = match settings.engine {
                     EngineKind::Sync => None,
+                    EngineKind::IoUring if inline => None,
                     EngineKind::IoUring => match UringEngine::new(settings.queue_size) {
                         Ok(engine) => Some(engine),
                         Err(e) => {
@@ -96,6 +142,8 @@ impl BlkBackend {
                 Mutex::new(QueueWorker {
                     mem: None,
                     uring,
+                    offload,
+                    reads: Vec::new(),
                     vring: None,
                     completions: Vec::with_capacity(usize::from(settings.queue_size)),
                     rejected: 0,
@@ -161,6 +209,14 @@ impl BlkBackend {
     }
 }
 
+/// Bytes `req` reads, if it is a read.
+fn read_len(req: &Request) -> Option<u64> {
+    match &req.op {
+        Operation::Read { len, .. } => Some(*len),
+        _ => None,
+    }
+}
+
 /// Feature bits this device offers for a disk (read-only disks get RO and lose the write-only
 /// operations).
 pub fn device_features(readonly: bool) -> u64 {
@@ -184,94 +240,226 @@ pub fn device_features(readonly: bool) -> u64 {
 }
 
 impl QueueWorker {
-    /// Takes every available chain, executes or submits it, then completes what is done.
+    /// Takes every available chain, executes or submits it, then completes what is done; with
+    /// `--poll-us`, keeps looking for more work for that long before going back to sleep.
     fn process_queue(&mut self, backend: &BlkBackend, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.clone() else {
             return Ok(());
         };
         let event_idx = backend.event_idx.load(Ordering::Relaxed);
-        let write_through = backend.write_through();
-        let serial = backend.settings.serial.as_slice();
+        let poll = backend.settings.poll;
+        // Notifications are turned off while we work (and poll) and back on before we sleep.
+        // With EVENT_IDX "off" is simply not moving avail_event forward.
+        let suppress = event_idx || !poll.is_zero();
+        let started = Instant::now();
+        let mut last_work = started;
         loop {
-            if event_idx {
+            if suppress {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let mem: Arc<GuestMemory> = atomic.memory().into_inner();
-            while let Some((head, parsed)) = pop_parsed(vring, &mem) {
-                let buffers = match parsed {
-                    Ok(b) => b,
-                    Err(e) => {
-                        self.reject(format_args!("malformed chain {head}: {e}"));
-                        self.completions.push(Completion { head, used_len: 0 });
-                        continue;
-                    }
-                };
-                match request::parse(&buffers, &mem, &backend.limits) {
-                    Ok(req) => match self.uring.as_mut() {
-                        Some(uring) => {
-                            if let Some(done) = uring.push(
-                                head,
-                                req,
-                                &backend.disk,
-                                mem.clone(),
-                                serial,
-                                write_through,
-                            ) {
-                                self.completions.push(done);
-                            }
-                        }
-                        None => {
-                            let status =
-                                execute_sync(&req, &backend.disk, &mem, serial, write_through);
-                            write_status(&mem, &req, status);
-                            self.completions.push(Completion {
-                                head,
-                                used_len: req.used_len(),
-                            });
-                        }
-                    },
-                    Err(rejection) => {
-                        self.reject(format_args!("request {head}: {}", rejection.reason));
-                        let used_len = match rejection.status {
-                            Some((addr, code)) => {
-                                if let Err(e) = mem.write_obj(code, addr) {
-                                    log::warn!("cannot write status: {e}");
-                                }
-                                1
-                            }
-                            None => 0,
-                        };
-                        self.completions.push(Completion { head, used_len });
-                    }
+            let mut work = self.take_available(backend, vring, &mem);
+            work += self.submit_and_reap(backend);
+            self.complete(vring)?;
+            if work == 0 && !vring.get_ref().get_queue().ready() {
+                // Being stopped (GET_VRING_BASE): entries the guest made available after that
+                // stay in the ring for the next owner; looping on them would never end. Leave
+                // notifications on, as the next owner expects.
+                if suppress {
+                    let _ = vring.enable_notification();
+                }
+                break;
+            }
+            if !poll.is_zero() {
+                // Busy-poll: while the guest keeps sending, it never has to notify us and this
+                // thread never sleeps. A session ends after POLL_SESSION_MAX even under
+                // constant load, so that the thread's other events (exit) are seen.
+                let now = Instant::now();
+                if work > 0 {
+                    last_work = now;
+                }
+                let deadline = (last_work + poll).min(started + POLL_SESSION_MAX);
+                if self.wait_for_work(vring, &mem, deadline) {
+                    continue;
                 }
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !suppress || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
-        self.submit_and_complete(backend, vring)
+        Ok(())
     }
 
-    fn submit_and_complete(&mut self, backend: &BlkBackend, vring: &VringRwLock) -> io::Result<()> {
-        if let Some(uring) = self.uring.as_mut() {
-            if uring.submit().is_err() {
-                // The completion queue is full: make room, then try once more.
-                uring.reap(
-                    &backend.disk,
-                    &backend.settings.serial,
-                    backend.write_through(),
-                    &mut self.completions,
-                );
-                if let Err(e) = uring.submit() {
-                    log::error!("io_uring submit failed: {e}");
+    /// Pops every available chain and executes it (inline) or queues it on the io_uring.
+    /// Returns how many chains were taken.
+    fn take_available(
+        &mut self,
+        backend: &BlkBackend,
+        vring: &VringRwLock,
+        mem: &Arc<GuestMemory>,
+    ) -> usize {
+        let write_through = backend.write_through();
+        let serial = backend.settings.serial.as_slice();
+        let mut taken = 0;
+        while let Some((head, parsed)) = pop_parsed(vring, mem) {
+            taken += 1;
+            let buffers = match parsed {
+                Ok(b) => b,
+                Err(e) => {
+                    self.reject(format_args!("malformed chain {head}: {e}"));
+                    self.completions.push(Completion { head, used_len: 0 });
+                    continue;
+                }
+            };
+            match request::parse(&buffers, mem, &backend.limits) {
+                Ok(req) => match self.uring.as_mut() {
+                    Some(uring) => {
+                        if let Some(done) =
+                            uring.push(head, req, &backend.disk, mem.clone(), serial, write_through)
+                        {
+                            self.completions.push(done);
+                        }
+                    }
+                    None if self.offload.is_some() && read_len(&req).is_some() => {
+                        self.reads.push((head, req));
+                    }
+                    None => self.execute_inline(backend, mem, head, &req),
+                },
+                Err(rejection) => {
+                    self.reject(format_args!("request {head}: {}", rejection.reason));
+                    let used_len = match rejection.status {
+                        Some((addr, code)) => {
+                            if let Err(e) = mem.write_obj(code, addr) {
+                                log::warn!("cannot write status: {e}");
+                            }
+                            1
+                        }
+                        None => 0,
+                    };
+                    self.completions.push(Completion { head, used_len });
                 }
             }
         }
-        self.complete(vring)
+        self.run_reads(backend, mem);
+        taken
     }
 
+    /// Runs the batch's reads: when they are worth it, an equal share (by bytes) goes to each
+    /// copy thread as one job while this thread copies its own share; else all run here.
+    fn run_reads(&mut self, backend: &BlkBackend, mem: &Arc<GuestMemory>) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let mut reads = std::mem::take(&mut self.reads);
+        let total: u64 = reads.iter().filter_map(|(_, r)| read_len(r)).sum();
+        if let Some(offload) = self.offload.as_mut() {
+            if reads.len() > 1 && total >= SPLIT_MIN_BYTES {
+                let shares = offload.threads() as u64 + 1;
+                let share = total / shares;
+                for _ in 1..shares {
+                    // Take requests from the end until this share's bytes are reached.
+                    let mut bytes = 0;
+                    let mut cut = reads.len();
+                    while cut > 1 && bytes < share {
+                        cut -= 1;
+                        bytes += read_len(&reads[cut].1).unwrap_or(0);
+                    }
+                    let job = reads.split_off(cut);
+                    offload.submit(job, mem.clone(), &backend.disk, backend.write_through());
+                }
+            }
+        }
+        for (head, req) in reads.drain(..) {
+            self.execute_inline(backend, mem, head, &req);
+        }
+        // Keep the allocation for the next batch.
+        self.reads = reads;
+    }
+
+    fn execute_inline(
+        &mut self,
+        backend: &BlkBackend,
+        mem: &GuestMemory,
+        head: u16,
+        req: &Request,
+    ) {
+        let serial = backend.settings.serial.as_slice();
+        let status = execute_sync(req, &backend.disk, mem, serial, backend.write_through());
+        write_status(mem, req, status);
+        self.completions.push(Completion {
+            head,
+            used_len: req.used_len(),
+        });
+    }
+
+    /// One io_uring_enter for what was queued, then collects whatever has already completed
+    /// (page-cache hits often have). Returns how many requests completed.
+    fn submit_and_reap(&mut self, backend: &BlkBackend) -> usize {
+        if let Some(offload) = self.offload.as_mut() {
+            let before = self.completions.len();
+            if offload.has_finished() {
+                offload.reap(&mut self.completions);
+            }
+            return self.completions.len() - before;
+        }
+        let Some(uring) = self.uring.as_mut() else {
+            return 0;
+        };
+        let before = self.completions.len();
+        let write_through = backend.write_through();
+        let serial = backend.settings.serial.as_slice();
+        if uring.submit().is_err() {
+            // The completion queue is full: make room, then try once more.
+            uring.reap(&backend.disk, serial, write_through, &mut self.completions);
+            if let Err(e) = uring.submit() {
+                log::error!("io_uring submit failed: {e}");
+            }
+        }
+        if uring.has_completions() {
+            uring.reap(&backend.disk, serial, write_through, &mut self.completions);
+        }
+        self.completions.len() - before
+    }
+
+    /// Spins until the guest makes a chain available, an io_uring request completes, or
+    /// `deadline` passes; says whether there is work.
+    fn wait_for_work(&mut self, vring: &VringRwLock, mem: &GuestMemory, deadline: Instant) -> bool {
+        loop {
+            for _ in 0..64 {
+                if self.uring.as_mut().is_some_and(|u| u.has_completions())
+                    || self.offload.as_ref().is_some_and(Offload::has_finished)
+                {
+                    return true;
+                }
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if !queue.ready() {
+                    // Stopping (GET_VRING_BASE): nothing more will be taken from this ring.
+                    return false;
+                }
+                match queue.avail_idx(mem, Ordering::Acquire) {
+                    Ok(idx) if idx.0 != queue.next_avail() => return true,
+                    Ok(_) => {}
+                    // A ring we cannot read: let the normal path find out and report it.
+                    Err(_) => return true,
+                }
+                drop(state);
+                std::hint::spin_loop();
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// The io_uring's (or the copy threads') eventfd fired: collect completions and return
+    /// them to the guest.
     fn reap(&mut self, backend: &BlkBackend, vring: &VringRwLock) -> io::Result<()> {
+        if let Some(offload) = self.offload.as_mut() {
+            offload.reap(&mut self.completions);
+        }
         if let Some(uring) = self.uring.as_mut() {
+            uring.clear_eventfd();
             uring.reap(
                 &backend.disk,
                 &backend.settings.serial,
@@ -287,12 +475,16 @@ impl QueueWorker {
         if self.completions.is_empty() {
             return Ok(());
         }
-        for done in self.completions.drain(..) {
-            if let Err(e) = vring.add_used(done.head, done.used_len) {
-                log::warn!(
-                    "cannot return descriptor {} to the used ring: {e}",
-                    done.head
-                );
+        {
+            // One lock for the whole batch.
+            let mut state = vring.get_mut();
+            for done in self.completions.drain(..) {
+                if let Err(e) = state.add_used(done.head, done.used_len) {
+                    log::warn!(
+                        "cannot return descriptor {} to the used ring: {e}",
+                        done.head
+                    );
+                }
             }
         }
         if vring.needs_notification().map_err(io::Error::other)? {
@@ -410,13 +602,18 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let worker = &mut *worker;
-        if let (Some(uring), Some(vring)) = (worker.uring.as_mut(), worker.vring.clone()) {
+        if let Some(uring) = worker.uring.as_mut() {
             uring.drain(
                 &self.disk,
                 &self.settings.serial,
                 self.write_through(),
                 &mut worker.completions,
             );
+        }
+        if let Some(offload) = worker.offload.as_mut() {
+            offload.drain(&mut worker.completions);
+        }
+        if let Some(vring) = worker.vring.clone() {
             worker.complete(&vring)?;
         }
         Ok(())
@@ -471,6 +668,13 @@ impl DaemonBackend for BlkBackend {
                         io::Error::other(format!("registering the io_uring eventfd: {e}"))
                     })?;
             }
+            if let Some(offload) = worker.offload.as_ref() {
+                handler
+                    .register_listener(offload.eventfd(), EventSet::IN, data)
+                    .map_err(|e| {
+                        io::Error::other(format!("registering the copy threads' eventfd: {e}"))
+                    })?;
+            }
         }
         Ok(())
     }
@@ -488,6 +692,7 @@ mod tests {
             serial: b"s".to_vec(),
             engine: EngineKind::Sync,
             logical_block_size: 4096,
+            poll: Duration::ZERO,
         };
         (file, BlkBackend::new(Arc::new(disk), settings))
     }

@@ -52,6 +52,27 @@ pub struct Disk {
     physical_block_size: u32,
     /// Device and inode number: the disk's identity, for the default serial.
     identity: (u64, u64),
+    /// The file lives in memory (tmpfs, ramfs, hugetlbfs): I/O is a memory copy that never
+    /// waits for a device.
+    memory_backed: bool,
+}
+
+/// File systems whose files are memory: tmpfs, ramfs, hugetlbfs (statfs `f_type`).
+const MEMORY_FS_MAGIC: [i64; 3] = [0x0102_1994, 0x8584_58f6, 0x9584_58f6];
+
+/// Whether `file` is on a memory file system.
+fn is_memory_backed(file: &File) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes a `struct statfs` into the pointer, which points to one.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so the struct is initialised (it was zeroed anyway).
+    let f_type = unsafe { st.assume_init() }.f_type;
+    // `f_type` is an i64 here, but its C type (`__fsword_t`) differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = f_type as i64;
+    MEMORY_FS_MAGIC.contains(&f_type)
 }
 
 fn is_einval(e: &io::Error) -> bool {
@@ -110,6 +131,7 @@ impl Disk {
         if size < 512 {
             return Err(DiskError::Empty { path });
         }
+        let memory_backed = !is_block_device && is_memory_backed(&file);
         Ok(Disk {
             file,
             path,
@@ -120,6 +142,7 @@ impl Disk {
             direct_alignment,
             physical_block_size,
             identity,
+            memory_backed,
         })
     }
 
@@ -149,6 +172,11 @@ impl Disk {
 
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
+    }
+
+    /// Whether the file is on a memory file system (tmpfs, ramfs, hugetlbfs).
+    pub fn memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// A serial that stays the same for the same file across restarts (at most 20 bytes).
@@ -181,10 +209,15 @@ impl Disk {
         write: bool,
         flags: libc::c_int,
     ) -> io::Result<()> {
-        let mut iov: Vec<libc::iovec> = iov.to_vec();
+        // The common case is one call that transfers everything; the iovecs are only copied (to
+        // be advanced) after a short transfer.
+        let original = iov;
+        let total: usize = original.iter().map(|v| v.iov_len).sum();
+        let mut owned: Option<Vec<libc::iovec>> = None;
         let mut first = 0;
         let mut offset = offset;
-        while first < iov.len() {
+        while first < original.len() {
+            let iov: &[libc::iovec] = owned.as_deref().unwrap_or(original);
             let count = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -221,8 +254,12 @@ impl Disk {
                     "short transfer at end of disk",
                 ));
             }
+            if owned.is_none() && done as usize == total {
+                return Ok(());
+            }
             offset += done as u64;
-            first = advance_iovecs(&mut iov, first, done as usize);
+            let iov = owned.get_or_insert_with(|| original.to_vec());
+            first = advance_iovecs(iov, first, done as usize);
         }
         Ok(())
     }

@@ -187,6 +187,16 @@ impl UringEngine {
         }
     }
 
+    /// Whether completions are waiting to be reaped (no system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Resets the completion eventfd, so that epoll reports only completions after this.
+    pub fn clear_eventfd(&self) {
+        let _ = self.eventfd.read();
+    }
+
     /// Collects finished requests into `out`.
     pub fn reap(
         &mut self,
@@ -195,7 +205,6 @@ impl UringEngine {
         write_through: bool,
         out: &mut Vec<Completion>,
     ) {
-        let _ = self.eventfd.read();
         // Borrows only the ring, so the slots can be updated while iterating: no allocation.
         for cqe in self.ring.completion() {
             let (user_data, result) = (cqe.user_data(), cqe.result());
@@ -257,6 +266,7 @@ impl UringEngine {
                     break;
                 }
             }
+            self.clear_eventfd();
             self.reap(disk, serial, write_through, out);
         }
     }

@@ -3,12 +3,14 @@
 //! - [`request`]: virtio-blk request parsing and synchronous execution (no vhost types).
 //! - [`disk`]: the backing store.
 //! - [`engine`]: io_uring and synchronous execution.
+//! - [`pool`]: copy threads for large requests on memory file systems.
 //! - [`backend`]: the vhost-user glue (features, config space, queues → threads).
 
 pub mod args;
 pub mod backend;
 pub mod disk;
 pub mod engine;
+pub mod pool;
 pub mod request;
 
 use std::sync::Arc;
@@ -41,7 +43,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .clone()
         .unwrap_or_else(|| disk.default_serial());
     log::info!(
-        "{}: {} bytes{}{}, {} queue(s) of {}, serial {serial:?}, {:?} engine",
+        "{}: {} bytes{}{}, {} queue(s) of {}, serial {serial:?}, {:?} engine{}",
         disk.path().display(),
         disk.size(),
         if disk.readonly() { ", read-only" } else { "" },
@@ -49,6 +51,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.num_queues,
         config.queue_size,
         config.engine,
+        if config.poll.is_zero() {
+            String::new()
+        } else {
+            format!(", polling {} µs", config.poll.as_micros())
+        },
     );
     let settings = DeviceSettings {
         num_queues: config.num_queues,
@@ -56,6 +63,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         serial: serial.into_bytes(),
         engine: config.engine,
         logical_block_size: config.logical_block_size,
+        poll: config.poll,
     };
     let exit_disk = disk.clone();
     let on_exit = move || {

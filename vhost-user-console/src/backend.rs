@@ -1,11 +1,14 @@
 //! The vhost-user glue: features, config space, queue layout, and the one worker thread that
 //! moves bytes between the virtqueues and the ports' host endpoints.
 //!
-//! Every event (a kick, a ready ring, a readable or writable endpoint, the pty timer) runs one
-//! [`ConsoleBackend::pump`]: it makes all the progress possible on every port and stops where
-//! something would block. Endpoint descriptors are registered edge-triggered, which is correct
-//! because each pump reads and writes until the endpoint would block, or until the guest has no
-//! buffers — and then a kick, which runs the pump again, resumes it.
+//! Every event (a kick, a ready ring, a readable or writable endpoint, a listener, the pty
+//! timer) runs one [`ConsoleBackend::pump`]: it makes all the progress possible on every port
+//! and stops where something would block. Endpoint descriptors are registered edge-triggered,
+//! which is correct because once an endpoint signals, it is read until it would block (or until
+//! the guest has no buffers — and then a kick, which runs the pump again, resumes it), and
+//! written until it would block. Listeners and I/O descriptors have event data of their own, so
+//! that a pump accepts only when a listener signalled and reads only an endpoint that signalled
+//! since its last read hit EAGAIN: a kick costs no wasted `accept`/`read`.
 
 use std::collections::VecDeque;
 use std::io;
@@ -99,10 +102,6 @@ impl Host {
     pub fn ports(&self) -> &[HostPort] {
         &self.ports
     }
-
-    fn fds(&self) -> Vec<RawFd> {
-        self.ports.iter().flat_map(HostPort::fds).collect()
-    }
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -129,7 +128,9 @@ struct Session {
     tx: Vec<Option<TxChain>>,
 }
 
-struct Inner {
+/// The virtio-console device for one frontend connection. The serve loop shares it with the
+/// worker thread as an `Arc`.
+pub struct ConsoleBackend {
     host: Arc<Mutex<Host>>,
     session: Mutex<Session>,
     memory: Mutex<Option<GuestMemoryAtomic>>,
@@ -137,12 +138,6 @@ struct Inner {
     features: u64,
     num_ports: usize,
     handlers: Mutex<Vec<Weak<VringEpollHandler<Arc<ConsoleBackend>>>>>,
-}
-
-/// The virtio-console device for one frontend connection.
-#[derive(Clone)]
-pub struct ConsoleBackend {
-    inner: Arc<Inner>,
 }
 
 impl ConsoleBackend {
@@ -161,46 +156,52 @@ impl ConsoleBackend {
             features |= control::VIRTIO_CONSOLE_F_SIZE;
         }
         ConsoleBackend {
-            inner: Arc::new(Inner {
-                host,
-                session: Mutex::new(Session {
-                    handshake: Handshake::new(num_ports),
-                    control_out: VecDeque::new(),
-                    tx: (0..num_ports).map(|_| None).collect(),
-                }),
-                memory: Mutex::new(None),
-                acked: AtomicU64::new(0),
-                features,
-                num_ports,
-                handlers: Mutex::new(Vec::new()),
+            host,
+            session: Mutex::new(Session {
+                handshake: Handshake::new(num_ports),
+                control_out: VecDeque::new(),
+                tx: (0..num_ports).map(|_| None).collect(),
             }),
+            memory: Mutex::new(None),
+            acked: AtomicU64::new(0),
+            features,
+            num_ports,
+            handlers: Mutex::new(Vec::new()),
         }
     }
 
     fn multiport(&self) -> bool {
-        self.inner.acked.load(Ordering::Acquire) & control::VIRTIO_CONSOLE_F_MULTIPORT != 0
+        self.acked.load(Ordering::Acquire) & control::VIRTIO_CONSOLE_F_MULTIPORT != 0
     }
 
-    fn listener_data(&self) -> u64 {
+    /// Event data of the ports' I/O descriptors (pty masters, connected clients) and the pty
+    /// timer; data values up to `num_queues` are the library's.
+    fn io_data(&self) -> u64 {
         self.num_queues() as u64 + 1
     }
 
-    fn register_fds(&self, fds: &[RawFd]) {
+    /// Event data of the listening sockets: only their events make the pump accept.
+    fn listen_data(&self) -> u64 {
+        self.num_queues() as u64 + 2
+    }
+
+    fn register_fds(&self, fds: &[RawFd], data: u64) {
         let events =
             EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-        for handler in lock(&self.inner.handlers).iter().filter_map(Weak::upgrade) {
+        for handler in lock(&self.handlers).iter().filter_map(Weak::upgrade) {
             for &fd in fds {
-                if let Err(e) = handler.register_listener(fd, events, self.listener_data()) {
+                if let Err(e) = handler.register_listener(fd, events, data) {
                     log::error!("cannot watch descriptor {fd}: {e}");
                 }
             }
         }
     }
 
-    /// Makes all the progress possible on every port.
-    fn pump(&self, vrings: &[Vring]) {
-        let mut session = lock(&self.inner.session);
-        let mut host = lock(&self.inner.host);
+    /// Makes all the progress possible on every port. `event` is the event data that woke us:
+    /// a listener's makes the ports accept clients, an endpoint's that their input is read.
+    fn pump(&self, vrings: &[Vring], event: u64) {
+        let mut session = lock(&self.session);
+        let mut host = lock(&self.host);
         let session = &mut *session;
         let host = &mut *host;
         let multiport = self.multiport();
@@ -210,9 +211,13 @@ impl ConsoleBackend {
             let _ = timer.wait();
         }
         // Host side: clients coming and going, the pty's window size.
+        let accept = event == self.listen_data();
         for port in host.ports.iter_mut() {
-            let events = port.poll_host();
-            self.register_fds(&events.new_fds);
+            if event == self.io_data() {
+                port.mark_readable();
+            }
+            let events = port.poll_host(accept);
+            self.register_fds(&events.new_fds, self.io_data());
         }
         let winsize = host.ports.first().and_then(HostPort::window_size);
         if winsize.is_some() && winsize != host.winsize {
@@ -225,7 +230,7 @@ impl ConsoleBackend {
             }
         }
 
-        let memory = lock(&self.inner.memory).clone();
+        let memory = lock(&self.memory).clone();
         let Some(memory) = memory else {
             host.ports.iter_mut().for_each(HostPort::flush);
             self.report_connections(session, host, multiport);
@@ -328,7 +333,7 @@ impl ConsoleBackend {
     }
 
     fn emergency_write(&self, byte: u8) {
-        let mut host = lock(&self.inner.host);
+        let mut host = lock(&self.host);
         if let Some(port) = host.ports.first_mut() {
             port.emergency_output(&[byte]);
             port.flush();
@@ -336,11 +341,11 @@ impl ConsoleBackend {
     }
 
     fn config_space(&self) -> [u8; control::CONFIG_LEN] {
-        let (cols, rows) = lock(&self.inner.host).winsize.unwrap_or((0, 0));
+        let (cols, rows) = lock(&self.host).winsize.unwrap_or((0, 0));
         let mut config = [0u8; control::CONFIG_LEN];
         config[0..2].copy_from_slice(&cols.to_le_bytes());
         config[2..4].copy_from_slice(&rows.to_le_bytes());
-        config[4..8].copy_from_slice(&(self.inner.num_ports as u32).to_le_bytes());
+        config[4..8].copy_from_slice(&(self.num_ports as u32).to_le_bytes());
         config
     }
 }
@@ -505,7 +510,7 @@ impl VhostUserBackend for ConsoleBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        control::num_queues(self.inner.num_ports)
+        control::num_queues(self.num_ports)
     }
 
     fn max_queue_size(&self) -> usize {
@@ -513,12 +518,12 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn features(&self) -> u64 {
-        self.inner.features
+        self.features
     }
 
     fn acked_features(&self, features: u64) {
-        self.inner.acked.store(features, Ordering::Release);
-        if features & control::VIRTIO_CONSOLE_F_MULTIPORT == 0 && self.inner.num_ports > 1 {
+        self.acked.store(features, Ordering::Release);
+        if features & control::VIRTIO_CONSOLE_F_MULTIPORT == 0 && self.num_ports > 1 {
             log::warn!("the driver did not accept MULTIPORT: only the console port works");
         }
     }
@@ -531,8 +536,8 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn reset_device(&self) {
-        let mut session = lock(&self.inner.session);
-        session.handshake = Handshake::new(self.inner.num_ports);
+        let mut session = lock(&self.session);
+        session.handshake = Handshake::new(self.num_ports);
         session.control_out.clear();
         session.tx.iter_mut().for_each(|t| *t = None);
     }
@@ -578,7 +583,7 @@ impl VhostUserBackend for ConsoleBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
         // A region past the end of its file would SIGBUS the daemon on first touch.
         vhost_user_common::memory::check_backing(&mem.memory())?;
-        *lock(&self.inner.memory) = Some(mem);
+        *lock(&self.memory) = Some(mem);
         Ok(())
     }
 
@@ -594,12 +599,12 @@ impl VhostUserBackend for ConsoleBackend {
 
     fn handle_event(
         &self,
-        _device_event: u16,
+        device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        self.pump(vrings);
+        self.pump(vrings, u64::from(device_event));
         Ok(())
     }
 }
@@ -609,12 +614,19 @@ impl DaemonBackend for ConsoleBackend {
         self: &Arc<Self>,
         handlers: &[Arc<VringEpollHandler<Arc<Self>>>],
     ) -> io::Result<()> {
-        *lock(&self.inner.handlers) = handlers.iter().map(Arc::downgrade).collect();
-        let host = lock(&self.inner.host);
-        self.register_fds(&host.fds());
+        *lock(&self.handlers) = handlers.iter().map(Arc::downgrade).collect();
+        let host = lock(&self.host);
+        let listeners: Vec<RawFd> = host
+            .ports
+            .iter()
+            .filter_map(HostPort::listener_fd)
+            .collect();
+        let io: Vec<RawFd> = host.ports.iter().flat_map(HostPort::io_fds).collect();
+        self.register_fds(&listeners, self.listen_data());
+        self.register_fds(&io, self.io_data());
         if let Some(timer) = &host.timer {
             for handler in handlers {
-                handler.register_listener(timer.as_raw_fd(), EventSet::IN, self.listener_data())?;
+                handler.register_listener(timer.as_raw_fd(), EventSet::IN, self.io_data())?;
             }
         }
         Ok(())

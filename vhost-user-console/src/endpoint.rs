@@ -21,7 +21,7 @@ use nix::pty::PtyMaster;
 /// Most guest output kept for a connected client that has not read it yet.
 pub const OUTPUT_LIMIT: usize = 64 * 1024;
 /// Most host input read ahead of the guest's receive buffers.
-pub const INPUT_CHUNK: usize = 16 * 1024;
+pub const INPUT_CHUNK: usize = 64 * 1024;
 
 /// Where a port's host side is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,8 +125,13 @@ pub struct HostPort {
     history: History,
     log: Option<File>,
     pending_out: VecDeque<u8>,
+    /// Input read from the endpoint: bytes `in_offset..in_len` are not yet in the guest.
     pending_in: Vec<u8>,
     in_offset: usize,
+    in_len: usize,
+    /// The endpoint may have input we have not read: it signalled readiness (or a client just
+    /// came) and no read has hit EAGAIN since.
+    input_ready: bool,
     label: String,
     reported: bool,
 }
@@ -187,6 +192,8 @@ impl HostPort {
             pending_out: VecDeque::new(),
             pending_in: Vec::new(),
             in_offset: 0,
+            in_len: 0,
+            input_ready: true,
             label: label.to_string(),
             reported: false,
         })
@@ -221,24 +228,28 @@ impl HostPort {
         matches!(self.kind, Kind::Pty { .. })
     }
 
-    /// Descriptors to watch for readiness: the pty master or the listening socket, and the
-    /// connected client if any.
-    pub fn fds(&self) -> Vec<RawFd> {
+    /// The listening socket, for UNIX and TCP endpoints: readiness means a client is waiting.
+    pub fn listener_fd(&self) -> Option<RawFd> {
+        match &self.kind {
+            Kind::Pty { .. } => None,
+            Kind::Unix { listener, .. } => Some(listener.as_raw_fd()),
+            Kind::Tcp { listener, .. } => Some(listener.as_raw_fd()),
+        }
+    }
+
+    /// Descriptors data moves through: the pty master, or the connected client if any.
+    pub fn io_fds(&self) -> Vec<RawFd> {
         match &self.kind {
             Kind::Pty { master, .. } => vec![master.as_raw_fd()],
-            Kind::Unix {
-                listener, client, ..
-            } => {
-                let mut fds = vec![listener.as_raw_fd()];
-                fds.extend(client.as_ref().map(client_fd));
-                fds
-            }
-            Kind::Tcp { listener, client } => {
-                let mut fds = vec![listener.as_raw_fd()];
-                fds.extend(client.as_ref().map(client_fd));
-                fds
+            Kind::Unix { client, .. } | Kind::Tcp { client, .. } => {
+                client.as_ref().map(client_fd).into_iter().collect()
             }
         }
+    }
+
+    /// The endpoint signalled readiness: its input is read again (until it would block).
+    pub fn mark_readable(&mut self) {
+        self.input_ready = true;
     }
 
     /// True while a client (or a pty reader) is attached.
@@ -257,8 +268,9 @@ impl HostPort {
         }
     }
 
-    /// Accepts clients and notices a pty reader coming or going.
-    pub fn poll_host(&mut self) -> HostEvents {
+    /// Accepts clients (when `accept`: the listener signalled) and notices a pty reader coming
+    /// or going.
+    pub fn poll_host(&mut self, accept: bool) -> HostEvents {
         let mut events = HostEvents::default();
         let was = self.connected();
         match &mut self.kind {
@@ -275,6 +287,7 @@ impl HostPort {
                 }
                 *attached = now;
             }
+            Kind::Unix { .. } | Kind::Tcp { .. } if !accept => {}
             Kind::Unix {
                 listener, client, ..
             } => loop {
@@ -290,6 +303,7 @@ impl HostPort {
                         if stream.set_nonblocking(true).is_ok() {
                             events.new_fds.push(stream.as_raw_fd());
                             *client = Some(Client::Unix(stream));
+                            self.input_ready = true;
                         }
                     }
                     Err(e) => {
@@ -313,6 +327,7 @@ impl HostPort {
                             log::info!("{}: client {peer} connected", self.label);
                             events.new_fds.push(stream.as_raw_fd());
                             *client = Some(Client::Tcp(stream));
+                            self.input_ready = true;
                         }
                     }
                     Err(e) => {
@@ -384,7 +399,16 @@ impl HostPort {
             }
         }
         if self.connected() {
-            self.pending_out.extend(data);
+            // Nothing queued before it: straight to the client, and only what it does not take
+            // now is queued (one copy less for a client that keeps up).
+            let sent = if self.pending_out.is_empty() {
+                self.write_out(data)
+            } else {
+                0
+            };
+            if self.connected() {
+                self.pending_out.extend(&data[sent..]);
+            }
         }
     }
 
@@ -402,90 +426,114 @@ impl HostPort {
     pub fn flush(&mut self) {
         while !self.pending_out.is_empty() {
             let (chunk, _) = self.pending_out.as_slices();
-            let result = match &mut self.kind {
-                Kind::Pty {
-                    master, attached, ..
-                } => {
-                    if !*attached {
-                        self.pending_out.clear();
-                        return;
-                    }
-                    master.write(chunk)
+            match write_endpoint(&mut self.kind, chunk) {
+                None => {
+                    // Nobody to write to (any more).
+                    self.pending_out.clear();
+                    return;
                 }
-                Kind::Unix { client, .. } | Kind::Tcp { client, .. } => match client {
-                    Some(c) => c.write(chunk),
-                    None => {
-                        self.pending_out.clear();
-                        return;
-                    }
-                },
-            };
-            match result {
-                Ok(0) => return,
-                Ok(n) => {
+                Some(Ok(0)) => return,
+                Some(Ok(n)) => {
                     self.pending_out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::debug!("{}: write failed: {e}", self.label);
-                    if self.is_pty() {
-                        // EIO: the reader went away; poll_host will notice.
-                        return;
-                    }
-                    self.disconnect();
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Some(Err(e)) => {
+                    self.write_failed(&e);
                     return;
                 }
             }
         }
     }
 
+    /// Writes `data` to the endpoint until it would block; returns how much it took.
+    fn write_out(&mut self, data: &[u8]) -> usize {
+        let mut done = 0;
+        while done < data.len() {
+            match write_endpoint(&mut self.kind, &data[done..]) {
+                None | Some(Ok(0)) => break,
+                Some(Ok(n)) => done += n,
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Some(Err(e)) => {
+                    self.write_failed(&e);
+                    break;
+                }
+            }
+        }
+        done
+    }
+
+    fn write_failed(&mut self, e: &io::Error) {
+        log::debug!("{}: write failed: {e}", self.label);
+        if self.is_pty() {
+            // EIO: the reader went away; poll_host will notice.
+            return;
+        }
+        self.disconnect();
+    }
+
     /// Input read from the endpoint and not yet given to the guest; reads more (one chunk)
     /// when empty.
     pub fn pending_input(&mut self) -> &[u8] {
-        if self.in_offset >= self.pending_in.len() {
-            self.pending_in.clear();
+        if self.in_offset >= self.in_len {
             self.in_offset = 0;
-            self.read_input();
+            self.in_len = 0;
+            if self.input_ready {
+                self.read_input();
+            }
         }
-        &self.pending_in[self.in_offset..]
+        &self.pending_in[self.in_offset..self.in_len]
     }
 
     /// Marks `n` bytes of pending input as delivered.
     pub fn consume_input(&mut self, n: usize) {
-        self.in_offset = self.in_offset.saturating_add(n).min(self.pending_in.len());
+        self.in_offset = self.in_offset.saturating_add(n).min(self.in_len);
     }
 
     fn read_input(&mut self) {
-        self.pending_in.resize(INPUT_CHUNK, 0);
+        // Allocated (and zeroed) once; each read overwrites the front of it.
+        if self.pending_in.len() < INPUT_CHUNK {
+            self.pending_in.resize(INPUT_CHUNK, 0);
+        }
         let result = match &mut self.kind {
             Kind::Pty { master, .. } => master.read(&mut self.pending_in),
             Kind::Unix { client, .. } | Kind::Tcp { client, .. } => match client {
                 Some(c) => c.read(&mut self.pending_in),
-                None => Ok(usize::MAX),
+                None => return,
             },
         };
         match result {
-            Ok(usize::MAX) => self.pending_in.clear(),
             Ok(0) => {
-                self.pending_in.clear();
+                self.input_ready = false;
                 if !self.is_pty() {
                     self.disconnect();
                 }
             }
-            Ok(n) => self.pending_in.truncate(n),
-            Err(e) => {
-                self.pending_in.clear();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
-                    // EIO on the pty master: nobody has the slave open.
-                    _ if self.is_pty() => {}
-                    _ => {
-                        log::debug!("{}: read failed: {e}", self.label);
-                        self.disconnect();
-                    }
+            Ok(n) => self.in_len = n.min(self.pending_in.len()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => match e.kind() {
+                // Drained: the next readiness event (edge-triggered) says when to read again.
+                io::ErrorKind::WouldBlock => self.input_ready = false,
+                // EIO on the pty master: nobody has the slave open.
+                _ if self.is_pty() => self.input_ready = false,
+                _ => {
+                    log::debug!("{}: read failed: {e}", self.label);
+                    self.disconnect();
                 }
-            }
+            },
+        }
+    }
+}
+
+/// One write to the endpoint's reader; None when there is none (no client, pty not attached).
+fn write_endpoint(kind: &mut Kind, data: &[u8]) -> Option<io::Result<usize>> {
+    match kind {
+        Kind::Pty {
+            master, attached, ..
+        } => attached.then(|| master.write(data)),
+        Kind::Unix { client, .. } | Kind::Tcp { client, .. } => {
+            client.as_ref().map(|c| c.write(data))
         }
     }
 }
@@ -626,7 +674,7 @@ mod tests {
         port.guest_output(b"boot log");
         assert!(!port.connected());
         let mut client = UnixStream::connect(&path)?;
-        let events = port.poll_host();
+        let events = port.poll_host(true);
         assert_eq!(port.connection_change(), Some(true));
         assert_eq!(port.connection_change(), None);
         assert_eq!(events.new_fds.len(), 1);

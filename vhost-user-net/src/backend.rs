@@ -6,8 +6,12 @@
 //!
 //! Back-pressure: when the guest has no receive buffers the tap fd is taken out of the worker's
 //! epoll (frames wait in the kernel's tap queue) until the next RX kick; when the tap would
-//! block on write, the TX chain is put back and TX resumes on EPOLLOUT. At most one received
-//! frame and the receive chains popped for it are held per pair.
+//! block on write, the unsent TX chains are put back and TX resumes on EPOLLOUT. At most one
+//! received frame and the receive chains popped for it are held per pair.
+//!
+//! Batching: TX chains are popped, written and given back [`TX_BATCH`] at a time, RX used
+//! entries published [`RX_PUBLISH`] at a time (whole frames), each with one used-index update;
+//! at most one interrupt per call, as EVENT_IDX or VRING_AVAIL_F_NO_INTERRUPT allow.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,12 +20,14 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use vhost_user_common::chain::{host_iovecs, pop_parsed};
+use vhost_user_common::chain::pop_parsed;
 use vhost_user_common::{lock, DaemonBackend, GuestMemory, GuestMemoryAtomic};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 
@@ -36,6 +42,12 @@ use crate::{LEGACY_VNET_HDR_LEN, VNET_HDR_LEN};
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Frames received per tap wake-up before yielding to the other events of the thread.
 const RX_BUDGET: usize = 64;
+/// Receive used entries published together (whole frames only).
+const RX_PUBLISH: usize = 32;
+/// Transmit chains popped, sent and given back together.
+const TX_BATCH: usize = 32;
+/// Transmit chains sent per event before yielding to the thread's other events.
+const TX_BUDGET: usize = 256;
 /// Room for the largest frame the tap can hand us, header included.
 const RX_FRAME_BUF: usize = VNET_HDR_LEN + 65_535 + 14;
 
@@ -110,6 +122,32 @@ pub fn read_config(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
         .collect()
 }
 
+/// One transmit chain of a batch: its head, and its iovecs in [`TxBatch::iovecs`] (none when
+/// the chain is dropped).
+struct TxFrame {
+    head: u16,
+    iovecs: Option<(usize, usize)>,
+}
+
+/// Transmit chains popped together, kept in the pair so that their storage is reused.
+#[derive(Default)]
+struct TxBatch {
+    frames: Vec<TxFrame>,
+    iovecs: Vec<libc::iovec>,
+}
+
+impl TxBatch {
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.iovecs.clear();
+    }
+}
+
+// SAFETY: the iovecs are plain addresses into guest memory, only dereferenced (by the kernel,
+// in `writev`) by the worker that made them, while it holds the pair's lock and the memory
+// guard they came from; they are cleared before that guard is released.
+unsafe impl Send for TxBatch {}
+
 /// Per queue pair state, behind its own lock.
 struct Pair {
     /// Events the tap fd is registered for in this pair's worker epoll.
@@ -123,13 +161,21 @@ struct Pair {
     rx_len: usize,
     /// Receive chains popped but not yet used (waiting for the rest of a merged frame).
     rx_held: Vec<RxChain>,
+    /// Used entries of whole frames (and bad chains) not yet published.
+    rx_used: Vec<(u16, u32)>,
     /// The tap would block: resume TX on EPOLLOUT.
     tx_blocked: bool,
+    /// The TX budget ran out with chains left: resume TX on EPOLLOUT (right away).
+    tx_more: bool,
+    /// Scratch space for one batch of transmit chains.
+    tx_batch: TxBatch,
     /// This pair's RX ring, kept for `stop_vring`.
     rx_vring: Option<VringRwLock>,
 }
 
-struct Inner {
+/// The vhost-user-net backend for one frontend connection. The serve loop shares it with the
+/// worker threads as an `Arc`.
+pub struct NetBackend {
     config: Config,
     tap: Arc<Tap>,
     stats: Arc<Stats>,
@@ -141,16 +187,10 @@ struct Inner {
     space: Vec<u8>,
 }
 
-impl Drop for Inner {
+impl Drop for NetBackend {
     fn drop(&mut self) {
         log::info!("session totals: {}", self.stats.summary());
     }
-}
-
-/// The vhost-user-net backend: cheap to clone, one per frontend connection.
-#[derive(Clone)]
-pub struct NetBackend {
-    inner: Arc<Inner>,
 }
 
 impl NetBackend {
@@ -172,24 +212,25 @@ impl NetBackend {
                     rx_frame: vec![0u8; RX_FRAME_BUF],
                     rx_len: 0,
                     rx_held: Vec::new(),
+                    rx_used: Vec::with_capacity(RX_PUBLISH + MAX_QUEUE_SIZE),
                     tx_blocked: false,
+                    tx_more: false,
+                    tx_batch: TxBatch::default(),
                     rx_vring: None,
                 })
             })
             .collect();
         let space = config_space(&config);
         NetBackend {
-            inner: Arc::new(Inner {
-                config,
-                tap,
-                stats,
-                pairs,
-                handlers: Mutex::new(Vec::new()),
-                memory: Mutex::new(None),
-                acked: AtomicU64::new(0),
-                event_idx: AtomicBool::new(false),
-                space,
-            }),
+            config,
+            tap,
+            stats,
+            pairs,
+            handlers: Mutex::new(Vec::new()),
+            memory: Mutex::new(None),
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            space,
         }
     }
 
@@ -199,11 +240,11 @@ impl NetBackend {
     }
 
     fn hdr_len(&self) -> usize {
-        hdr_len(self.inner.acked.load(Ordering::Relaxed))
+        hdr_len(self.acked.load(Ordering::Relaxed))
     }
 
     fn mergeable(&self) -> bool {
-        self.inner.acked.load(Ordering::Relaxed) & bit(VIRTIO_NET_F_MRG_RXBUF) != 0
+        self.acked.load(Ordering::Relaxed) & bit(VIRTIO_NET_F_MRG_RXBUF) != 0
     }
 
     /// Registers the tap fd of pair `index` for exactly `want`.
@@ -211,10 +252,8 @@ impl NetBackend {
         if pair.interest == want {
             return;
         }
-        let handler = lock(&self.inner.handlers)
-            .get(index)
-            .and_then(Weak::upgrade);
-        let (Some(handler), Some(queue)) = (handler, self.inner.tap.queues.get(index)) else {
+        let handler = lock(&self.handlers).get(index).and_then(Weak::upgrade);
+        let (Some(handler), Some(queue)) = (handler, self.tap.queues.get(index)) else {
             return;
         };
         let fd = queue.as_raw_fd();
@@ -234,10 +273,10 @@ impl NetBackend {
     }
 
     fn set_attached(&self, index: usize, pair: &mut Pair, attached: bool) {
-        if pair.attached == attached || !self.inner.tap.multi_queue {
+        if pair.attached == attached || !self.tap.multi_queue {
             return;
         }
-        if let Some(queue) = self.inner.tap.queues.get(index) {
+        if let Some(queue) = self.tap.queues.get(index) {
             match queue.set_attached(attached) {
                 Ok(()) => {
                     pair.attached = attached;
@@ -252,72 +291,162 @@ impl NetBackend {
     }
 
     /// Moves guest transmit chains to the tap until the ring is empty or the tap is full.
+    ///
+    /// Chains go in batches of up to [`TX_BATCH`]: popped and checked with the ring locked,
+    /// written to the tap with it unlocked (one `writev` per frame, which a tap requires), then
+    /// given back with one used-index update per batch. The guest's kicks are off while the
+    /// ring is drained, and it gets at most one interrupt per call.
     fn process_tx(&self, index: usize, pair: &mut Pair, vring: &VringRwLock, mem: &GuestMemory) {
-        let tap = match self.inner.tap.queues.get(index) {
-            Some(tap) => tap,
-            None => return,
+        let Some(tap) = self.tap.queues.get(index) else {
+            return;
         };
-        let stats = &self.inner.stats;
+        let stats = &self.stats;
         let hdr_len = self.hdr_len();
-        let mut used_any = false;
-        let mut iovecs = Vec::new();
+        let start_used = vring.get_ref().get_queue().next_used();
+        if let Err(e) = vring.disable_notification() {
+            log::error!("pair {index}: TX ring: {e}");
+        }
+        pair.tx_more = false;
+        let batch = &mut pair.tx_batch;
+        let (mut sent_frames, mut dropped) = (0u64, 0u64);
         loop {
-            let popped = pop_parsed(vring, mem);
-            let Some((head, parsed)) = popped else {
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
+            batch.clear();
+            let more = self.pop_tx_batch(index, vring, mem, hdr_len, batch);
+            let mut done = 0;
+            for frame in &batch.frames {
+                if let Some((from, to)) = frame.iovecs {
+                    let iovecs = &batch.iovecs[from..to];
+                    match tap.write_frame(iovecs) {
+                        Ok(_) => sent_frames += 1,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // Keep this chain and the rest for when the tap drains.
+                            pair.tx_blocked = true;
+                            break;
+                        }
+                        Err(e) => {
+                            dropped += 1;
+                            stats.warn(format_args!(
+                                "pair {index}: the tap refused a {}-byte frame: {e}",
+                                iovecs.iter().map(|v| v.iov_len).sum::<usize>()
+                            ));
+                        }
+                    }
+                }
+                done += 1;
+            }
+            let published = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                for _ in done..batch.frames.len() {
+                    queue.go_to_previous_position();
+                }
+                let used = batch.frames[..done].iter().map(|f| (f.head, 0));
+                publish_used(queue, mem, used)
+            };
+            if let Err(e) = published {
+                log::error!("pair {index}: TX used ring: {e}");
+                break;
+            }
+            if !more || pair.tx_blocked {
+                break;
+            }
+            if sent_frames + dropped >= TX_BUDGET as u64 {
+                // Yield to the thread's other events; EPOLLOUT on the tap (at once, as a tap
+                // is writable) brings us back, since the guest will not kick for chains it
+                // already published.
+                pair.tx_more = true;
+                break;
+            }
+        }
+        batch.clear();
+        stats.tx_frames.fetch_add(sent_frames, Ordering::Relaxed);
+        stats.tx_dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.signal_if_needed(index, vring, mem, start_used);
+    }
+
+    /// Pops up to [`TX_BATCH`] chains into `batch`, with their iovecs; chains that cannot be
+    /// sent are counted and kept (without iovecs) to be given back. False when the ring ran
+    /// dry (the guest's kicks are then back on).
+    fn pop_tx_batch(
+        &self,
+        index: usize,
+        vring: &VringRwLock,
+        mem: &GuestMemory,
+        hdr_len: usize,
+        batch: &mut TxBatch,
+    ) -> bool {
+        let stats = &self.stats;
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let max = usize::from(queue.size()).max(1);
+        while batch.frames.len() < TX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Ask for a kick when chains come, then look once more (they may have come in
+                // between).
+                match queue.enable_notification(mem) {
+                    Ok(true) => {
+                        let _ = queue.disable_notification(mem);
+                        continue;
+                    }
+                    Ok(false) => return false,
                     Err(e) => {
                         log::error!("pair {index}: TX ring: {e}");
-                        break;
+                        return false;
                     }
                 }
             };
-            let result = tx::frame_segments(head, parsed, hdr_len).and_then(|segments| {
-                iovecs.clear();
-                host_iovecs(mem, &segments, &mut iovecs).map_err(|e| tx::TxDrop::Invalid(e, head))
-            });
-            match result {
+            let head = chain.head_index();
+            let from = batch.iovecs.len();
+            let iovecs = match tx::frame_iovecs(head, chain, mem, max, hdr_len, &mut batch.iovecs) {
+                Ok(_) => Some((from, batch.iovecs.len())),
                 Err(drop) => {
                     Stats::count(&stats.tx_dropped);
                     Stats::count(&stats.bad_chains);
                     stats.warn(format_args!("pair {index}: dropped: {drop}"));
+                    None
                 }
-                Ok(()) => match tap.write_frame(&iovecs) {
-                    Ok(_) => Stats::count(&stats.tx_frames),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Keep the chain for when the tap drains.
-                        vring.get_mut().get_queue_mut().go_to_previous_position();
-                        pair.tx_blocked = true;
-                        break;
-                    }
-                    Err(e) => {
-                        Stats::count(&stats.tx_dropped);
-                        stats.warn(format_args!(
-                            "pair {index}: the tap refused a {}-byte frame: {e}",
-                            iovecs.iter().map(|v| v.iov_len).sum::<usize>()
-                        ));
-                    }
-                },
-            }
-            if let Err(e) = vring.add_used(head, 0) {
-                log::error!("pair {index}: TX used ring: {e}");
-                break;
-            }
-            used_any = true;
+            };
+            batch.frames.push(TxFrame { head, iovecs });
         }
-        if used_any {
-            self.signal(index, vring, false);
-        }
+        true
     }
 
-    fn signal(&self, index: usize, vring: &VringRwLock, force: bool) {
-        let needed = match vring.needs_notification() {
-            Ok(needed) => needed || force,
-            Err(e) => {
-                log::error!("pair {index}: {e}");
-                true
+    /// Interrupts the guest if the used entries published since `start_used` call for it:
+    /// with EVENT_IDX when they pass the driver's `used_event`, without it unless the driver
+    /// set VRING_AVAIL_F_NO_INTERRUPT (a polling driver such as DPDK's does).
+    fn signal_if_needed(
+        &self,
+        index: usize,
+        vring: &VringRwLock,
+        mem: &GuestMemory,
+        start_used: u16,
+    ) {
+        let (now, avail, size) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.next_used(), queue.avail_ring(), queue.size())
+        };
+        if now == start_used {
+            return;
+        }
+        // Our used-index stores before the driver's flags or used_event.
+        fence(Ordering::SeqCst);
+        let needed = if self.event_idx.load(Ordering::Relaxed) {
+            let event = avail
+                .checked_add(4 + 2 * u64::from(size))
+                .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
+            match event.map(u16::from_le) {
+                // vring_need_event(event, new, old)
+                Some(event) => {
+                    now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(start_used)
+                }
+                None => true,
             }
+        } else {
+            mem.load::<u16>(GuestAddress(avail), Ordering::Acquire)
+                .map_or(true, |flags| {
+                    u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+                })
         };
         if needed {
             if let Err(e) = vring.signal_used_queue() {
@@ -326,8 +455,9 @@ impl NetBackend {
         }
     }
 
-    /// Pops receive chains until the held ones can take `frame_len` bytes. Bad chains are
-    /// returned to the guest empty. False when the ring ran dry first.
+    /// Pops receive chains until the held ones can take `frame_len` bytes. Bad chains go back
+    /// to the guest empty (with the next batch of used entries). False when the ring ran dry
+    /// first (the guest's kicks are then back on).
     fn gather_rx(
         &self,
         index: usize,
@@ -336,7 +466,7 @@ impl NetBackend {
         mem: &GuestMemory,
         hdr_len: usize,
     ) -> io::Result<bool> {
-        let stats = &self.inner.stats;
+        let stats = &self.stats;
         let popped = pop_parsed(vring, mem);
         match popped {
             Some((head, parsed)) => match rx::check_chain(head, parsed, hdr_len) {
@@ -344,7 +474,7 @@ impl NetBackend {
                 Err(bad) => {
                     Stats::count(&stats.bad_chains);
                     stats.warn(format_args!("pair {index}: returned empty: {bad}"));
-                    vring.add_used(head, 0).map_err(io::Error::other)?;
+                    pair.rx_used.push((head, 0));
                 }
             },
             None => {
@@ -353,23 +483,33 @@ impl NetBackend {
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     return Ok(false);
                 }
+                vring.disable_notification().map_err(io::Error::other)?;
             }
         }
         Ok(true)
     }
 
     /// Moves frames from the tap to the guest until the tap is empty, the guest is out of
-    /// buffers, or the budget is spent.
+    /// buffers, or the budget is spent. Used entries are published a batch at a time (whole
+    /// frames only) and the guest gets at most one interrupt per call. The guest's kicks are
+    /// off unless its buffers ran out: the tap, not the kicks, drives receiving.
     fn process_rx(&self, index: usize, pair: &mut Pair, vring: &VringRwLock, mem: &GuestMemory) {
-        let Some(tap) = self.inner.tap.queues.get(index) else {
+        let Some(tap) = self.tap.queues.get(index) else {
             return;
         };
-        let stats = &self.inner.stats;
+        let stats = &self.stats;
         let hdr_len = self.hdr_len();
         let mergeable = self.mergeable();
-        let ring_size = usize::from(vring.get_ref().get_queue().size());
-        let start_used = vring.get_ref().get_queue().next_used();
-        let mut published = false;
+        let (ring_size, start_used) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (usize::from(queue.size()), queue.next_used())
+        };
+        if let Err(e) = vring.disable_notification() {
+            log::error!("pair {index}: RX ring: {e}");
+        }
+        pair.rx_used.clear();
+        let mut delivered = 0u64;
         let mut frames = 0;
         while frames < RX_BUDGET {
             frames += 1;
@@ -398,16 +538,20 @@ impl NetBackend {
                         Ok(true) => {}
                         Ok(false) => {
                             pair.rx_starved = true;
-                            self.finish_rx(index, vring, mem, start_used, published);
-                            return;
+                            break None;
                         }
                         Err(e) => {
                             log::error!("pair {index}: RX ring: {e}");
-                            return;
+                            pair.rx_starved = true;
+                            break None;
                         }
                     },
                 }
             };
+            if pair.rx_starved {
+                // The frame waits in `rx_frame` for the guest's next buffers.
+                break;
+            }
             let frame_len = pair.rx_len;
             pair.rx_len = 0;
             let Some(n) = placed else {
@@ -417,60 +561,49 @@ impl NetBackend {
                 ));
                 continue;
             };
-            let chains: Vec<RxChain> = pair.rx_held.drain(..n).collect();
-            match rx::write_frame(mem, &mut pair.rx_frame[..frame_len], hdr_len, &chains) {
-                Ok(used) => {
-                    if let Err(e) = publish_used(vring, mem, &used) {
-                        log::error!("pair {index}: RX used ring: {e}");
-                        return;
-                    }
-                    Stats::count(&stats.rx_frames);
-                }
+            let frame = &mut pair.rx_frame[..frame_len];
+            let chains = &pair.rx_held[..n];
+            match rx::write_frame(mem, frame, hdr_len, chains, &mut pair.rx_used) {
+                Ok(()) => delivered += 1,
                 Err(e) => {
                     // Guest memory changed under the held chains: give them back empty.
                     Stats::count(&stats.rx_dropped);
                     stats.warn(format_args!("pair {index}: dropped a received frame: {e}"));
-                    let empty: Vec<(u16, u32)> = chains.iter().map(|c| (c.head, 0)).collect();
-                    if let Err(e) = publish_used(vring, mem, &empty) {
-                        log::error!("pair {index}: RX used ring: {e}");
-                        return;
-                    }
+                    pair.rx_used.extend(chains.iter().map(|c| (c.head, 0)));
                 }
             }
-            published = true;
+            pair.rx_held.drain(..n);
+            if pair.rx_used.len() >= RX_PUBLISH && !self.publish_rx(index, pair, vring, mem) {
+                return;
+            }
         }
-        self.finish_rx(index, vring, mem, start_used, published);
+        if self.publish_rx(index, pair, vring, mem) {
+            stats.rx_frames.fetch_add(delivered, Ordering::Relaxed);
+            self.signal_if_needed(index, vring, mem, start_used);
+        }
     }
 
-    /// Interrupts the guest if the used entries published since `start_used` call for it.
-    fn finish_rx(
+    /// Publishes the pending receive used entries; false (logged) if the ring is unusable.
+    fn publish_rx(
         &self,
         index: usize,
+        pair: &mut Pair,
         vring: &VringRwLock,
         mem: &GuestMemory,
-        start_used: u16,
-        published: bool,
-    ) {
-        let (now_used, used_event) = {
-            let state = vring.get_ref();
-            let queue = state.get_queue();
-            let at = queue
-                .avail_ring()
-                .checked_add(4 + 2 * u64::from(queue.size()));
-            fence(Ordering::SeqCst);
-            let event = at.and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
-            (queue.next_used(), event.map(u16::from_le))
+    ) -> bool {
+        if pair.rx_used.is_empty() {
+            return true;
+        }
+        let result = {
+            let mut state = vring.get_mut();
+            publish_used(state.get_queue_mut(), mem, pair.rx_used.iter().copied())
         };
-        let ours = published
-            && match used_event {
-                Some(event) if self.inner.event_idx.load(Ordering::Relaxed) => {
-                    // vring_need_event(event, new, old)
-                    now_used.wrapping_sub(event).wrapping_sub(1) < now_used.wrapping_sub(start_used)
-                }
-                _ => true,
-            };
-        // The library's check covers the chains given back with add_used.
-        self.signal(index, vring, ours);
+        pair.rx_used.clear();
+        if let Err(e) = result {
+            log::error!("pair {index}: RX used ring: {e}");
+            return false;
+        }
+        true
     }
 
     /// Everything one worker does for one event, with its pair locked.
@@ -481,10 +614,10 @@ impl NetBackend {
         ) else {
             return;
         };
-        let Some(pair) = self.inner.pairs.get(index) else {
+        let Some(pair) = self.pairs.get(index) else {
             return;
         };
-        let Some(atomic) = lock(&self.inner.memory).clone() else {
+        let Some(atomic) = lock(&self.memory).clone() else {
             return;
         };
         let guard = atomic.memory();
@@ -515,32 +648,39 @@ impl NetBackend {
         if tx_usable && !pair.tx_blocked && (event == TX_RING || tap_writable) {
             self.process_tx(index, pair, tx_vring, mem);
         }
-        if rx_usable && !pair.rx_starved {
+        // Receiving is driven by the tap (level-triggered: frames left behind by the budget
+        // wake us again) and by RX kicks; a TX kick has nothing to receive.
+        let tap_readable = event == self.tap_event() && evset.contains(EventSet::IN);
+        if rx_usable && !pair.rx_starved && (tap_readable || event == RX_RING) {
             self.process_rx(index, pair, rx_vring, mem);
         }
         let mut want = EventSet::empty();
         if rx_usable && !pair.rx_starved {
             want |= EventSet::IN;
         }
-        if tx_usable && pair.tx_blocked {
+        if tx_usable && (pair.tx_blocked || pair.tx_more) {
             want |= EventSet::OUT;
         }
         self.set_interest(index, pair, want);
     }
 }
 
-/// Adds `used` to the used ring and makes them all visible with one index update, so that the
-/// guest never sees the first buffer of a merged frame without the others.
-fn publish_used(vring: &VringRwLock, mem: &GuestMemory, used: &[(u16, u32)]) -> io::Result<()> {
-    let mut state = vring.get_mut();
-    let queue = state.get_queue_mut();
+/// Adds `used` to the used ring and makes them all visible with one index update: the driver
+/// never sees the first buffer of a merged frame without the others, and the cache line of the
+/// used index moves once per batch rather than once per frame.
+fn publish_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    used: impl IntoIterator<Item = (u16, u32)>,
+) -> io::Result<()> {
     let size = queue.size();
     if size == 0 {
         return Err(io::Error::other("queue has no size"));
     }
     let ring = queue.used_ring();
-    let mut next = queue.next_used();
-    for &(head, len) in used {
+    let start = queue.next_used();
+    let mut next = start;
+    for (head, len) in used {
         let slot = u64::from(next % size);
         let addr = ring
             .checked_add(4 + 8 * slot)
@@ -551,6 +691,9 @@ fn publish_used(vring: &VringRwLock, mem: &GuestMemory, used: &[(u16, u32)]) -> 
         mem.write_slice(&elem, GuestAddress(addr))
             .map_err(io::Error::other)?;
         next = next.wrapping_add(1);
+    }
+    if next == start {
+        return Ok(());
     }
     let idx_addr = ring
         .checked_add(2)
@@ -566,7 +709,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2 * usize::from(self.inner.config.queue_pairs)
+        2 * usize::from(self.config.queue_pairs)
     }
 
     fn max_queue_size(&self) -> usize {
@@ -578,8 +721,8 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.inner.acked.store(features, Ordering::Relaxed);
-        let tap = &self.inner.tap;
+        self.acked.store(features, Ordering::Relaxed);
+        let tap = &self.tap;
         let len = hdr_len(features);
         if let Err(e) = tap.set_vnet_hdr_len(len) {
             log::error!("{}: TUNSETVNETHDRSZ {len}: {e}", tap.name);
@@ -598,25 +741,27 @@ impl VhostUserBackend for NetBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        // No CONFIGURE_MEM_SLOTS: QEMU (7.2 to 8.x) drives a multiqueue net device as one
+        // vhost_dev per queue pair and sends every ADD_MEM_REG (and REM_MEM_REG) once per pair,
+        // which the library refuses as overlapping regions. SET_MEM_TABLE is idempotent.
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+        self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        read_config(&self.inner.space, offset, size)
+        read_config(&self.space, offset, size)
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
         vhost_user_common::memory::check_backing(&mem.memory())?;
-        *lock(&self.inner.memory) = Some(mem);
+        *lock(&self.memory) = Some(mem);
         Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.inner.config.queue_pairs)
+        (0..self.config.queue_pairs)
             .map(|i| 0b11u64 << (2 * i))
             .collect()
     }
@@ -638,7 +783,7 @@ impl VhostUserBackend for NetBackend {
             return Ok(());
         }
         let index = (queue_index / 2) as usize;
-        let Some(pair) = self.inner.pairs.get(index) else {
+        let Some(pair) = self.pairs.get(index) else {
             return Ok(());
         };
         let mut pair = lock(pair);
@@ -672,8 +817,8 @@ impl DaemonBackend for NetBackend {
         self: &Arc<Self>,
         handlers: &[Arc<VringEpollHandler<Arc<Self>>>],
     ) -> io::Result<()> {
-        *lock(&self.inner.handlers) = handlers.iter().map(Arc::downgrade).collect();
-        for (index, pair) in self.inner.pairs.iter().enumerate() {
+        *lock(&self.handlers) = handlers.iter().map(Arc::downgrade).collect();
+        for (index, pair) in self.pairs.iter().enumerate() {
             let mut pair = lock(pair);
             self.set_interest(index, &mut pair, EventSet::IN);
             if pair.interest != EventSet::IN {

@@ -38,11 +38,8 @@ pub(crate) mod test_util {
             .unwrap_or_else(|e| panic!("test memory: {e}"))
     }
 
-    /// Builds a chain of `(addr, len, flags)` descriptors in a mock queue and parses it.
-    pub fn chain_buffers(
-        mem: &GuestMemory,
-        descs: &[(u64, u32, u32)],
-    ) -> Result<ChainBuffers, ChainError> {
+    /// Builds a chain of `(addr, len, flags)` descriptors in a mock queue and walks it.
+    pub fn descriptors(mem: &GuestMemory, descs: &[(u64, u32, u32)]) -> Vec<Descriptor> {
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
@@ -55,6 +52,14 @@ pub(crate) mod test_util {
         let chain: DescriptorChain<&GuestMemory> = queue
             .build_desc_chain(&raw)
             .unwrap_or_else(|e| panic!("mock chain: {e:?}"));
-        ChainBuffers::parse(chain, mem, 16)
+        chain.collect()
+    }
+
+    /// Builds a chain of `(addr, len, flags)` descriptors in a mock queue and parses it.
+    pub fn chain_buffers(
+        mem: &GuestMemory,
+        descs: &[(u64, u32, u32)],
+    ) -> Result<ChainBuffers, ChainError> {
+        ChainBuffers::parse(descriptors(mem, descs), mem, 16)
     }
 }

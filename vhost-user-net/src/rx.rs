@@ -81,8 +81,8 @@ pub fn set_num_buffers(frame: &mut [u8], hdr_len: usize, count: u16) {
 }
 
 /// Copies `frame` (header included) into `chains`, filling each before the next, after setting
-/// the header's `num_buffers` to the number of chains used. Returns the used-ring entries
-/// `(head, bytes written)`.
+/// the header's `num_buffers` to the number of chains used, and appends the used-ring entries
+/// `(head, bytes written)` to `used`. On error `used` is left as it was.
 ///
 /// `chains` must be exactly the chains [`fit`] said the frame needs.
 pub fn write_frame(
@@ -90,25 +90,30 @@ pub fn write_frame(
     frame: &mut [u8],
     hdr_len: usize,
     chains: &[RxChain],
-) -> Result<Vec<(u16, u32)>, ChainError> {
+    used: &mut Vec<(u16, u32)>,
+) -> Result<(), ChainError> {
     let count = u16::try_from(chains.len()).unwrap_or(u16::MAX);
     set_num_buffers(frame, hdr_len, count);
-    let mut used = Vec::with_capacity(chains.len());
+    let start = used.len();
     let mut rest: &[u8] = frame;
     for chain in chains {
         let take = rest.len().min(chain.buffers.writable_len() as usize);
-        chain.buffers.write_all_at(mem, 0, &rest[..take])?;
+        if let Err(e) = chain.buffers.write_all_at(mem, 0, &rest[..take]) {
+            used.truncate(start);
+            return Err(e);
+        }
         used.push((chain.head, take as u32));
         rest = &rest[take..];
     }
     if !rest.is_empty() {
+        used.truncate(start);
         return Err(ChainError::OutOfRange {
             offset: (frame.len() - rest.len()) as u64,
             len: rest.len() as u64,
             available: 0,
         });
     }
-    Ok(used)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -136,7 +141,8 @@ mod tests {
         let chains = [rx_chain(&mem, 3, 0x1000, 2048)];
         let mut f = frame(100);
         assert_eq!(fit(f.len(), false, &chains), Fit::Fits(1));
-        let used = write_frame(&mem, &mut f, 12, &chains).unwrap_or_else(|e| panic!("{e}"));
+        let mut used = Vec::new();
+        write_frame(&mem, &mut f, 12, &chains, &mut used).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(used, vec![(3, 112)]);
         let mut got = vec![0u8; 112];
         mem.read_slice(&mut got, GuestAddress(0x1000))
@@ -158,8 +164,9 @@ mod tests {
         let mut f = frame(150); // 162 bytes: three buffers
         assert_eq!(fit(f.len(), true, &chains), Fit::Fits(3));
         assert_eq!(fit(f.len(), true, &chains[..2]), Fit::NeedMore);
-        let used = write_frame(&mem, &mut f, 12, &chains[..3]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(used, vec![(0, 64), (1, 64), (2, 34)]);
+        let mut used = vec![(9, 0)];
+        write_frame(&mem, &mut f, 12, &chains[..3], &mut used).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(used, vec![(9, 0), (0, 64), (1, 64), (2, 34)]);
         let mut hdr = [0u8; 12];
         mem.read_slice(&mut hdr, GuestAddress(0x1000))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -170,6 +177,10 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         assert_eq!(&joined[12..], &frame(150)[12..]);
+        // A frame longer than the chains leaves `used` as it was.
+        let mut long = frame(300);
+        assert!(write_frame(&mem, &mut long, 12, &chains[..1], &mut used).is_err());
+        assert_eq!(used.len(), 4);
     }
 
     #[test]

@@ -155,8 +155,18 @@ impl TapQueue {
 
     /// Reads one frame (virtio-net header first) into `buf`.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // The raw system call rather than libc's read(), which is a thread cancellation point:
+        // glibc's cancellation bookkeeping around it was ~5% of the per-frame CPU in a profile.
+        // The arguments go as longs, as the kernel reads them.
         // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the whole call.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_read,
+                libc::c_long::from(self.file.as_raw_fd()),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -168,10 +178,18 @@ impl TapQueue {
     /// The iovecs must point at memory that stays mapped for the call (guest memory held alive
     /// by the caller).
     pub fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
-        let count = iovecs.len().min(libc::c_int::MAX as usize) as libc::c_int;
+        let count = iovecs.len().min(libc::c_int::MAX as usize);
         // SAFETY: the kernel only reads `count` iovecs from the slice; each one describes memory
-        // the caller keeps mapped and readable (guest RAM from host_iovecs).
-        let n = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        // the caller keeps mapped and readable (guest RAM, bounds-checked when the iovecs were
+        // made). The raw system call, as in `read_frame`.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_writev,
+                libc::c_long::from(self.file.as_raw_fd()),
+                iovecs.as_ptr(),
+                count,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -1,0 +1,166 @@
+//! Network namespaces and background processes for the QEMU end-to-end tests and the demo.
+//! Everything is torn down on drop, also when a test fails; processes are ended by their PID.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::Result;
+
+/// Fails unless running as root (namespaces, taps).
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(format!("{what} needs root (network namespaces, taps, QEMU's memfd)").into());
+    }
+    Ok(())
+}
+
+/// Runs a command to completion; the error names it and quotes its stderr.
+pub fn run_ok(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace of our own, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `<prefix>-<pid>-<n>` with its loopback up.
+    pub fn new(prefix: &str) -> Result<Netns> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run_ok("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip netns exec NAME`: a prefix that runs a command inside (it execs the command, so
+    /// the PID we get is the command's).
+    pub fn prefix(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.name]
+    }
+
+    /// Runs a command inside and returns its stdout.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut full: Vec<&str> = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run_ok("ip", &full)
+    }
+
+    /// Starts a command inside, in the background, its output going to `log`.
+    pub fn spawn(&self, args: &[&str], log: &Path) -> Result<Background> {
+        let out = File::create(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("cannot start {args:?} in {}: {e}", self.name))?;
+        Ok(Background { child })
+    }
+
+    /// Waits until something listens on TCP `port` inside the namespace.
+    pub fn wait_for_listener(&self, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let filter = format!("sport = :{port}");
+        loop {
+            let out = self.exec(&["ss", "-Hltn", &filter])?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("nothing listens on port {port} in {}", self.name).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Deletes namespaces named `<prefix>-<pid>-<n>` whose process is gone (left behind by a
+    /// run that was killed with SIGKILL).
+    pub fn remove_stale(prefix: &str) {
+        let Ok(list) = run_ok("ip", &["netns", "list"]) else {
+            return;
+        };
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+                continue;
+            };
+            let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = run_ok("ip", &["netns", "del", name]);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A background process: SIGTERM, then SIGKILL after 5 s, on drop (by PID).
+pub struct Background {
+    pub child: Child,
+}
+
+impl Background {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,469 @@
+//! Runs a [`Guest`](crate::guest::Guest) in QEMU (TCG) next to the daemons, and reads back what
+//! the guest's script reported.
+//!
+//! - The machine: q35 under TCG, 2 vCPUs, 1 GiB of memfd-backed shared RAM (a vhost-user
+//!   backend maps it), no default devices, the serial console written to a file, no reboot.
+//! - The guest reports results as lines `E2E key=value` on the serial console;
+//!   [`GuestOutput`] collects them.
+//! - Every run keeps its evidence in a named directory, `<target>/e2e-logs/<name>/`: the serial
+//!   log, QEMU's own output, the daemons' logs and the exact command lines. A failing test
+//!   prints the tails of those files ([`Logs::report`]).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::guest::{find_program, target_dir, Guest};
+use crate::Result;
+
+/// The QEMU binary, or an error that says how to get it.
+pub fn qemu_binary() -> Result<PathBuf> {
+    find_program("qemu-system-x86_64").ok_or_else(|| {
+        "qemu-system-x86_64 is not installed: the QEMU end-to-end tests need it. Run .ci/run \
+         (it installs qemu-system-x86, ipxe-qemu, seabios, fio, iperf3, busybox-static, cpio), \
+         or apt-get install those packages"
+            .into()
+    })
+}
+
+/// Escapes a path for a QEMU option value (a comma is written twice).
+pub fn qemu_path(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+/// A shell-like rendering of a command line, for logs and for users to copy.
+pub fn command_line(program: &str, args: &[String]) -> String {
+    let quote = |s: &str| {
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=./,:+@%".contains(c))
+        {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    std::iter::once(program)
+        .chain(args.iter().map(String::as_str))
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The evidence directory of one test run: `<target>/e2e-logs/<name>/`, emptied at the start.
+pub struct Logs {
+    pub dir: PathBuf,
+}
+
+impl Logs {
+    pub fn new(name: &str) -> Result<Logs> {
+        let dir = target_dir().join("e2e-logs").join(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        Ok(Logs { dir })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Appends a line to `commands.txt` (the exact command lines of the run).
+    pub fn note_command(&self, line: &str) {
+        use std::io::Write;
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("commands.txt"))
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// Copies `from` to `<dir>/<name>` when the returned guard is dropped (declare it after
+    /// the daemon whose log it keeps: it is dropped first, while the log still exists).
+    pub fn keep(&self, from: &Path, name: &str) -> KeepLog {
+        KeepLog {
+            from: from.to_path_buf(),
+            to: self.path(name),
+        }
+    }
+
+    /// The last lines of every file of the run, for a failure message.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        for file in files {
+            if file.extension().is_some_and(|x| x == "cpio") {
+                continue;
+            }
+            let text = fs::read(&file).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            let keep = if file.ends_with("serial.log") { 80 } else { 40 };
+            out.push_str(&format!(
+                "\n----- {} (last {} of {} lines) -----\n",
+                file.display(),
+                keep.min(lines.len()),
+                lines.len()
+            ));
+            for line in &lines[lines.len().saturating_sub(keep)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out.push_str(&format!(
+            "\n(all logs of this run: {})\n",
+            self.dir.display()
+        ));
+        out
+    }
+}
+
+/// See [`Logs::keep`].
+pub struct KeepLog {
+    from: PathBuf,
+    to: PathBuf,
+}
+
+impl Drop for KeepLog {
+    fn drop(&mut self) {
+        let _ = fs::copy(&self.from, &self.to);
+    }
+}
+
+/// What a guest script reported: every `E2E key=value` line of the serial log, in order.
+#[derive(Debug, Default, Clone)]
+pub struct GuestOutput {
+    pub pairs: Vec<(String, String)>,
+}
+
+impl GuestOutput {
+    /// Parses a serial log. A kernel message may share a line with the report, so the report
+    /// is looked for anywhere in the line; the value is the rest of the line.
+    pub fn parse(serial: &str) -> GuestOutput {
+        let mut pairs = Vec::new();
+        for line in serial.lines() {
+            let Some(at) = line.find("E2E ") else {
+                continue;
+            };
+            let rest = line[at + 4..].trim_end_matches('\r');
+            if let Some((key, value)) = rest.split_once('=') {
+                if !key.is_empty() && !key.contains(' ') {
+                    pairs.push((key.to_string(), value.trim().to_string()));
+                }
+            }
+        }
+        GuestOutput { pairs }
+    }
+
+    /// The last value reported for `key`.
+    pub fn get(&self, key: &str) -> Result<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| format!("the guest did not report {key}").into())
+    }
+
+    pub fn get_u64(&self, key: &str) -> Result<u64> {
+        let value = self.get(key)?;
+        value
+            .parse()
+            .map_err(|_| format!("guest reported {key}={value:?}, not a number").into())
+    }
+
+    pub fn get_f64(&self, key: &str) -> Result<f64> {
+        let value = self.get(key)?;
+        value
+            .parse()
+            .map_err(|_| format!("guest reported {key}={value:?}, not a number").into())
+    }
+
+    /// Every key starting with `prefix`, with its last value.
+    pub fn with_prefix(&self, prefix: &str) -> BTreeMap<String, String> {
+        self.pairs
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+/// One guest's QEMU process. Killed (by PID) when dropped.
+pub struct Vm {
+    child: Child,
+    /// Holds the run's initramfs (the guest plus its script) while QEMU runs.
+    _initrd_dir: tempfile::TempDir,
+    pub serial: PathBuf,
+    pub command: String,
+    started: Instant,
+}
+
+/// How a VM is set up besides the guest itself.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The shell script the guest runs (as `/e2e/test.sh`).
+    pub script: String,
+    /// Device arguments (`-chardev ... -device ...`).
+    pub devices: Vec<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Keep the run's initramfs as `<logs>/initrd.cpio` (so the printed QEMU command line
+    /// still works after the run) instead of in a temporary directory.
+    pub keep_initrd: bool,
+}
+
+impl VmConfig {
+    pub fn new(script: impl Into<String>) -> VmConfig {
+        VmConfig {
+            script: script.into(),
+            devices: Vec::new(),
+            cpus: 2,
+            memory_mib: 1024,
+            keep_initrd: false,
+        }
+    }
+
+    /// A vhost-user-blk disk on `socket` with `queues` queues.
+    pub fn blk(mut self, socket: &Path, queues: u16, reconnect: bool) -> VmConfig {
+        let reconnect = if reconnect { ",reconnect=1" } else { "" };
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id=blk0,path={}{reconnect}", qemu_path(socket)),
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev=blk0,num-queues={queues}"),
+        ]);
+        self
+    }
+
+    /// A vhost-user virtio-net device on `socket` with `pairs` queue pairs. `vectors=0`: QEMU
+    /// 7.2 under TCG crashes when the guest starts a vhost-user-net device with MSI-X (the
+    /// guest uses INTx instead). `romfile=`: no iPXE option ROM (saves seconds of boot).
+    pub fn net(mut self, socket: &Path, pairs: u16, mac: &str) -> VmConfig {
+        let mq = if pairs > 1 { ",mq=on" } else { "" };
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id=net0,path={}", qemu_path(socket)),
+            "-netdev".into(),
+            format!("vhost-user,id=n0,chardev=net0,queues={pairs}"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=n0{mq},vectors=0,mac={mac},romfile="),
+        ]);
+        self
+    }
+}
+
+impl Vm {
+    /// Boots `guest` with `config`; the serial console goes to `<logs>/serial.log`, QEMU's own
+    /// output to `<logs>/qemu.log`.
+    pub fn start(guest: &Guest, config: &VmConfig, logs: &Logs) -> Result<Vm> {
+        let qemu = qemu_binary()?;
+        let initrd_dir = tempfile::tempdir()?;
+        let initrd = if config.keep_initrd {
+            logs.path("initrd.cpio")
+        } else {
+            initrd_dir.path().join("initrd.cpio")
+        };
+        guest.initrd_with_script(&config.script, &initrd)?;
+        fs::write(logs.path("test.sh"), &config.script)?;
+        let serial = logs.path("serial.log");
+        let mem = format!("{}M", config.memory_mib);
+        let mut args: Vec<String> = vec![
+            "-machine".into(),
+            "q35,accel=tcg".into(),
+            "-smp".into(),
+            config.cpus.to_string(),
+            "-m".into(),
+            mem.clone(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-nodefaults".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-serial".into(),
+            format!("file:{}", qemu_path(&serial)),
+            "-kernel".into(),
+            guest.kernel.to_string_lossy().into_owned(),
+            "-initrd".into(),
+            initrd.to_string_lossy().into_owned(),
+            "-append".into(),
+            "console=ttyS0 panic=-1 loglevel=4 edd=off".into(),
+        ];
+        args.extend(config.devices.iter().cloned());
+        let command = command_line(&qemu.to_string_lossy(), &args);
+        logs.note_command(&command);
+        let log = File::create(logs.path("qemu.log"))?;
+        let child = Command::new(&qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+        Ok(Vm {
+            child,
+            _initrd_dir: initrd_dir,
+            serial,
+            command,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The serial log so far.
+    pub fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits until the guest reports `key` (returns its value). Fails if QEMU exits first or
+    /// `timeout` passes.
+    pub fn wait_for(&mut self, key: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(value) = GuestOutput::parse(&self.serial_text()).get(key) {
+                return Ok(value.to_string());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                return Err(
+                    format!("QEMU exited ({status}) before the guest reported {key}").into(),
+                );
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the guest did not report {key} within {timeout:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for QEMU to exit (the guest powers off at the end of its script), killing it after
+    /// `timeout`; `interrupted` is polled too (Ctrl-C in the demo). Returns what the guest
+    /// reported, or an error if it did not finish its script.
+    pub fn finish(
+        &mut self,
+        timeout: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<GuestOutput> {
+        let deadline = self.started + timeout;
+        let status: ExitStatus = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if interrupted() {
+                self.kill();
+                return Err("interrupted".into());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!(
+                    "QEMU still running after {timeout:?}: killed (pid {}); the guest hung or is too slow",
+                    self.child.id()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let output = GuestOutput::parse(&self.serial_text());
+        if output.get("done").is_err() {
+            return Err(format!(
+                "QEMU exited ({status}) before the guest finished its script (no `E2E done=1`)"
+            )
+            .into());
+        }
+        Ok(output)
+    }
+
+    /// Seconds since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill(); // SIGKILL to this PID only
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One line of `fio --output-format=terse --terse-version=3`.
+#[derive(Debug, Clone)]
+pub struct FioTerse {
+    fields: Vec<String>,
+}
+
+impl FioTerse {
+    pub fn parse(line: &str) -> Result<FioTerse> {
+        let fields: Vec<String> = line.trim().split(';').map(str::to_string).collect();
+        if fields.len() < 90 || fields[0] != "3" {
+            return Err(format!("not a fio terse v3 line: {line:?}").into());
+        }
+        Ok(FioTerse { fields })
+    }
+
+    /// 1-based field, as fio's documentation numbers them.
+    fn field(&self, n: usize) -> f64 {
+        self.fields
+            .get(n - 1)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// fio's error code for the job (0: none, verify failures included).
+    pub fn error(&self) -> u64 {
+        self.field(5) as u64
+    }
+    pub fn read_kib(&self) -> u64 {
+        self.field(6) as u64
+    }
+    pub fn read_bw_kib_s(&self) -> f64 {
+        self.field(7)
+    }
+    pub fn read_iops(&self) -> f64 {
+        self.field(8)
+    }
+    /// Largest completion latency of a read, in µs.
+    pub fn read_clat_max_us(&self) -> f64 {
+        self.field(15)
+    }
+    pub fn write_kib(&self) -> u64 {
+        self.field(47) as u64
+    }
+    pub fn write_bw_kib_s(&self) -> f64 {
+        self.field(48)
+    }
+    pub fn write_iops(&self) -> f64 {
+        self.field(49)
+    }
+    /// Largest completion latency of a write, in µs.
+    pub fn write_clat_max_us(&self) -> f64 {
+        self.field(56)
+    }
+}
+
+/// Fails with `what` unless `ok`.
+pub fn ensure(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(what().into())
+    }
+}
