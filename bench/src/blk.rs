@@ -506,6 +506,7 @@ fn run_group(
             .map_err(|e| format!("{}: correctness check: {e}", daemon.name))?;
         served.push((daemon, client));
     }
+    let mut failed = vec![false; served.len()];
     for (index, w) in workloads.iter().enumerate() {
         let case = case_name(w, queues, backing);
         let mut results: Vec<(String, Measurement)> = Vec::new();
@@ -516,12 +517,27 @@ fn run_group(
             order.reverse();
         }
         for i in order {
+            if failed[i] {
+                continue;
+            }
             let (daemon, client) = &mut served[i];
-            let m = client
+            let measured = client
                 .measure(w, image.size, daemon.pid(), opts.case_duration())
-                .map_err(|e| format!("{case}: {}: {e}{}", daemon.name, daemon.log_tail()))?;
-            daemon.check_alive()?;
-            results.push((daemon.name.clone(), m));
+                .map_err(|e| format!("{case}: {}: {e}{}", daemon.name, daemon.log_tail()).into())
+                .and_then(|m| daemon.check_alive().map(|()| m));
+            match measured {
+                Ok(m) => results.push((daemon.name.clone(), m)),
+                // Our failure fails the run; a peer's is reported, and the peer sits out the
+                // rest of this table (its connection may hold requests that never complete).
+                Err(e) if daemon.name.starts_with(OURS) => return Err(e),
+                Err(e) => {
+                    println!(
+                        "note: {e}; {} is left out of the cases after this one",
+                        daemon.name
+                    );
+                    failed[i] = true;
+                }
+            }
         }
         if subjects.contains(&Subject::Fio) {
             let m = run_fio(image, w, queues, backing.direct(), opts.case_duration())

@@ -10,7 +10,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::sys::stat::{umask, Mode};
@@ -195,24 +195,34 @@ where
     F: FnMut() -> io::Result<B>,
     X: FnOnce() + Send + 'static,
 {
-    let mut listener = match bind(config) {
-        Ok(listener) => listener,
-        Err(e) => {
-            on_exit();
-            return Err(e);
-        }
-    };
-    let socket = listener.created_path().map(ToOwned::to_owned);
-    if let Some(path) = &socket {
-        log::info!("listening on {}", path.display());
-    }
+    // Handlers first: a SIGTERM sent as soon as the socket appears must find them installed.
+    // The socket's path is filled in once bound, so a signal before that removes nothing.
+    // `on_exit` runs once: on a signal, or here when binding fails.
+    let on_exit = Arc::new(Mutex::new(Some(on_exit)));
+    let created: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+    let (exit_hook, to_remove) = (on_exit.clone(), created.clone());
     crate::signals::exit_on_termination(move || {
-        on_exit();
-        if let Some(path) = socket {
+        if let Some(on_exit) = crate::lock(&exit_hook).take() {
+            on_exit();
+        }
+        if let Some(path) = crate::lock(&to_remove).take() {
             let _ = std::fs::remove_file(path);
         }
     })
     .map_err(ServeError::Signals)?;
+    let mut listener = match bind(config) {
+        Ok(listener) => listener,
+        Err(e) => {
+            if let Some(on_exit) = crate::lock(&on_exit).take() {
+                on_exit();
+            }
+            return Err(e);
+        }
+    };
+    if let Some(path) = listener.created_path() {
+        log::info!("listening on {}", path.display());
+        *crate::lock(&created) = Some(path.to_owned());
+    }
     serve(name, &mut listener, new_backend)
 }
 

@@ -105,11 +105,13 @@ impl BlkBackend {
             .map_or(1, |n| n.get())
             .saturating_sub(usize::from(settings.num_queues))
             .min(8);
-        let pool = if inline && spare_cpus > 0 && std::env::var_os("VUB_EXPERIMENT_NO_POOL").is_none() {
+        let pool = if inline && spare_cpus > 0 {
             match CopyPool::new(spare_cpus) {
                 Ok(pool) => Some(Arc::new(pool)),
                 Err(e) => {
-                    log::warn!("cannot start copy threads ({e}); large requests run inline");
+                    log::warn!(
+                        "cannot start copy threads ({e}); all reads run in the queue threads"
+                    );
                     None
                 }
             }
@@ -121,7 +123,9 @@ impl BlkBackend {
                 let offload = pool.clone().and_then(|pool| match Offload::new(pool) {
                     Ok(offload) => Some(offload),
                     Err(e) => {
-                        log::warn!("cannot create a copy eventfd ({e}); large requests run inline");
+                        log::warn!(
+                            "cannot create a copy eventfd ({e}); reads run in the queue thread"
+                        );
                         None
                     }
                 });
@@ -209,7 +213,8 @@ impl BlkBackend {
     }
 }
 
-/// Bytes `req` reads, if it is a read.
+/// Bytes `req` reads, if it is a read. (Only reads are shared with copy threads: writes to one
+/// file take the inode's lock in the kernel, and measured slower when split.)
 fn read_len(req: &Request) -> Option<u64> {
     match &req.op {
         Operation::Read { len, .. } => Some(*len),

@@ -3,7 +3,7 @@
 //! - [`request`]: virtio-blk request parsing and synchronous execution (no vhost types).
 //! - [`disk`]: the backing store.
 //! - [`engine`]: io_uring and synchronous execution.
-//! - [`pool`]: copy threads for large requests on memory file systems.
+//! - [`pool`]: copy threads sharing batches of reads on memory file systems.
 //! - [`backend`]: the vhost-user glue (features, config space, queues → threads).
 
 pub mod args;
