@@ -33,6 +33,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vhost_user_tests::netns::run_ok;
+
 use crate::report::{process_cpu_time, Measurement, Result, Table};
 use crate::Options;
 
@@ -399,20 +401,6 @@ impl Drop for Netns {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn run_ok(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {}: {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -171,23 +171,11 @@ impl Drop for Lock {
 /// Runs a command and returns its stdout; the error names the command and quotes stderr.
 fn run(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<String> {
     let mut command = Command::new(program);
-    command.args(args).stdin(Stdio::null());
+    command.args(args);
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
-    let out = command
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {}: {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::netns::output_ok(&mut command)
 }
 
 /// The kernel and modules, unpacked.

@@ -20,15 +20,24 @@ pub fn require_root(what: &str) -> Result<()> {
 
 /// Runs a command to completion; the error names it and quotes its stderr.
 pub fn run_ok(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
+    output_ok(Command::new(program).args(args))
+}
+
+/// Runs a prepared command (stdin from /dev/null) and returns its stdout; the error names the
+/// command and quotes its stderr.
+pub fn output_ok(command: &mut Command) -> Result<String> {
+    let described = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = command
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+        .map_err(|e| format!("cannot run {described}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "{program} {}: {}: {}",
-            args.join(" "),
+            "{described}: {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )
