@@ -24,7 +24,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -1088,58 +1088,23 @@ fn generate(fd: OwnedFd, frames: Vec<Vec<u8>>, stop: &AtomicBool, sent: &AtomicU
 
 /// An AF_PACKET socket sending out of `ifname` in namespace `netns`, bypassing the qdisc.
 fn packet_socket(netns: &str, ifname: &str) -> Result<OwnedFd> {
-    let ns_path = format!("/var/run/netns/{netns}");
-    let ifname = ifname.to_string();
-    // setns changes only the calling thread: do it in a thread of its own. The socket stays in
-    // the namespace it was created in.
-    std::thread::spawn(move || -> Result<OwnedFd> {
-        let ns_file = File::open(&ns_path)?;
-        // SAFETY: setns on a valid namespace fd; it affects only this short-lived thread.
-        if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
-        // Protocol 0: the socket sends but receives nothing.
-        // SAFETY: plain socket(2); the result is checked before use.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: `raw` is a new descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let one: libc::c_int = 1;
-        // SAFETY: PACKET_QDISC_BYPASS takes an int; the pointer and length describe `one`.
-        let ret = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_QDISC_BYPASS,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if ret != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = index as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll and the length says so.
-        let ret = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if ret != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(fd)
-    })
-    .join()
-    .map_err(|_| "namespace thread panicked")?
+    // Protocol 0: the socket sends but receives nothing.
+    let fd = vhost_user_tests::netns::packet_socket(netns, ifname, 0, 0)?;
+    let one: libc::c_int = 1;
+    // SAFETY: PACKET_QDISC_BYPASS takes an int; the pointer and length describe `one`.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(fd)
 }
 
 /// A `size`-byte Ethernet/IPv4/UDP frame from the host to the guest's MAC.

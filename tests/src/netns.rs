@@ -2,6 +2,7 @@
 //! Everything is torn down on drop, also when a test fails; processes are ended by their PID.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,6 +45,62 @@ pub fn output_ok(command: &mut Command) -> Result<String> {
         .into());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// An AF_PACKET raw socket bound to `ifname` inside the network namespace `netns`: what the
+/// namespace's network sees of that interface. `protocol` is an `ETH_P_*` value in host order
+/// (0: the socket sends but receives nothing); `flags` are or-ed into `SOCK_RAW | SOCK_CLOEXEC`.
+pub fn packet_socket(
+    netns: &str,
+    ifname: &str,
+    protocol: u16,
+    flags: libc::c_int,
+) -> Result<OwnedFd> {
+    let ns_path = format!("/var/run/netns/{netns}");
+    let ifname = ifname.to_string();
+    let protocol = protocol.to_be();
+    // setns changes only the calling thread: do it in a thread of its own. The socket stays in
+    // the namespace it was created in.
+    std::thread::spawn(move || -> Result<OwnedFd> {
+        let ns_file = File::open(&ns_path)?;
+        // SAFETY: setns on a valid namespace fd; it affects only this short-lived thread.
+        if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
+        // SAFETY: plain socket(2); the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
+                i32::from(protocol),
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `raw` is a new descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a valid sockaddr_ll and the length says so.
+        let ret = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(fd)
+    })
+    .join()
+    .map_err(|_| "namespace thread panicked")?
 }
 
 /// A network namespace of our own, deleted on drop.

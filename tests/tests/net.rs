@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -125,51 +125,12 @@ struct PacketSocket {
 
 impl PacketSocket {
     fn open(ns: &Netns, ifname: &str) -> Result<PacketSocket> {
-        let ns_path = format!("/var/run/netns/{}", ns.name);
-        let ifname = ifname.to_string();
-        // setns changes only the calling thread: do it in a thread of its own. The socket
-        // stays in the namespace it was created in.
-        let fd = std::thread::spawn(move || -> Result<OwnedFd> {
-            let ns_file = File::open(&ns_path)?;
-            // SAFETY: setns on a valid namespace fd; it affects only this short-lived thread.
-            if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
-            let protocol = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2); the result is checked before use.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    i32::from(protocol),
-                )
-            };
-            if raw < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            // SAFETY: `raw` is a new descriptor owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = protocol;
-            addr.sll_ifindex = index as i32;
-            // SAFETY: `addr` is a valid sockaddr_ll and the length says so.
-            let ret = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if ret != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            Ok(fd)
-        })
-        .join()
-        .map_err(|_| "namespace thread panicked")??;
+        let fd = vhost_user_tests::netns::packet_socket(
+            &ns.name,
+            ifname,
+            libc::ETH_P_ALL as u16,
+            libc::SOCK_NONBLOCK,
+        )?;
         Ok(PacketSocket { fd })
     }
 
