@@ -5,7 +5,8 @@
 //! memory and that device-readable descriptors come before device-writable ones (virtio 1.2,
 //! 2.7.4.2), and keeps the two parts as lists of segments. Callers then copy whole ranges in and
 //! out, or turn a range into host iovecs for vectored I/O, without ever touching memory outside
-//! the guest's regions.
+//! the guest's regions. A queue keeps one `ChainBuffers` as scratch ([`ChainBuffers::parse_into`])
+//! so that walking a chain allocates nothing.
 
 use std::io;
 
@@ -70,6 +71,25 @@ impl ChainBuffers {
         I: IntoIterator<Item = Descriptor>,
     {
         let mut buffers = ChainBuffers::default();
+        buffers.parse_into(descriptors, mem, max_descriptors)?;
+        Ok(buffers)
+    }
+
+    /// [`ChainBuffers::parse`] into this value, reusing its storage: a queue keeps one as
+    /// scratch and walks every chain without allocating.
+    pub fn parse_into<I>(
+        &mut self,
+        descriptors: I,
+        mem: &GuestMemory,
+        max_descriptors: usize,
+    ) -> Result<(), ChainError>
+    where
+        I: IntoIterator<Item = Descriptor>,
+    {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
         let mut seen = 0;
         for (index, desc) in descriptors.into_iter().enumerate() {
             seen += 1;
@@ -89,23 +109,23 @@ impl ChainBuffers {
             }
             if desc.is_write_only() {
                 if segment.len > 0 {
-                    buffers.writable_len += u64::from(segment.len);
-                    buffers.writable.push(segment);
+                    self.writable_len += u64::from(segment.len);
+                    self.writable.push(segment);
                 }
             } else {
-                if !buffers.writable.is_empty() {
+                if !self.writable.is_empty() {
                     return Err(ChainError::ReadableAfterWritable { index });
                 }
                 if segment.len > 0 {
-                    buffers.readable_len += u64::from(segment.len);
-                    buffers.readable.push(segment);
+                    self.readable_len += u64::from(segment.len);
+                    self.readable.push(segment);
                 }
             }
         }
         if seen == 0 {
             return Err(ChainError::Empty);
         }
-        Ok(buffers)
+        Ok(())
     }
 
     pub fn readable(&self) -> &[Segment] {
@@ -132,7 +152,7 @@ impl ChainBuffers {
         buf: &mut [u8],
     ) -> Result<(), ChainError> {
         let mut done = 0;
-        for seg in sub_segments(&self.readable, self.readable_len, offset, buf.len() as u64)? {
+        for seg in self.readable_range(offset, buf.len() as u64)? {
             let end = done + seg.len as usize;
             mem.read_slice(&mut buf[done..end], seg.addr)
                 .map_err(|e| ChainError::Memory(e.to_string()))?;
@@ -149,7 +169,7 @@ impl ChainBuffers {
         data: &[u8],
     ) -> Result<(), ChainError> {
         let mut done = 0;
-        for seg in sub_segments(&self.writable, self.writable_len, offset, data.len() as u64)? {
+        for seg in self.writable_range(offset, data.len() as u64)? {
             let end = done + seg.len as usize;
             mem.write_slice(&data[done..end], seg.addr)
                 .map_err(|e| ChainError::Memory(e.to_string()))?;
@@ -159,72 +179,70 @@ impl ChainBuffers {
     }
 
     /// The readable bytes `[offset, offset + len)` as segments.
-    pub fn readable_range(&self, offset: u64, len: u64) -> Result<Vec<Segment>, ChainError> {
+    pub fn readable_range(&self, offset: u64, len: u64) -> Result<SubSegments<'_>, ChainError> {
         sub_segments(&self.readable, self.readable_len, offset, len)
     }
 
     /// The writable bytes `[offset, offset + len)` as segments.
-    pub fn writable_range(&self, offset: u64, len: u64) -> Result<Vec<Segment>, ChainError> {
+    pub fn writable_range(&self, offset: u64, len: u64) -> Result<SubSegments<'_>, ChainError> {
         sub_segments(&self.writable, self.writable_len, offset, len)
     }
 }
 
-/// Takes the next available chain from `vring` and parses it, allowing at most as many
-/// descriptors as the queue has entries. Returns the head (to give back with `add_used`,
-/// whether or not the chain parsed) and the parse result; `None` when the ring is empty.
-pub fn pop_parsed(
-    vring: &vhost_user_backend::VringRwLock<crate::GuestMemoryAtomic>,
-    mem: &GuestMemory,
-) -> Option<(u16, Result<ChainBuffers, ChainError>)> {
-    use vhost_user_backend::VringT;
-    use virtio_queue::QueueT;
-    let mut state = vring.get_mut();
-    let queue = state.get_queue_mut();
-    let max = usize::from(queue.size()).max(1);
-    queue
-        .pop_descriptor_chain(mem)
-        .map(|chain| (chain.head_index(), ChainBuffers::parse(chain, mem, max)))
-}
-
-/// The part `[offset, offset + len)` of the byte stream formed by `segments`.
+/// The part `[offset, offset + len)` of the byte stream formed by `segments` (whose lengths
+/// add up to `total`), as an iterator of segments: nothing is allocated.
 pub fn sub_segments(
     segments: &[Segment],
     total: u64,
     offset: u64,
     len: u64,
-) -> Result<Vec<Segment>, ChainError> {
-    let out_of_range = ChainError::OutOfRange {
-        offset,
-        len,
-        available: total,
-    };
+) -> Result<SubSegments<'_>, ChainError> {
     match offset.checked_add(len) {
-        Some(end) if end <= total => {}
-        _ => return Err(out_of_range),
+        Some(end) if end <= total => Ok(SubSegments {
+            segments: segments.iter(),
+            skip: offset,
+            want: len,
+        }),
+        _ => Err(ChainError::OutOfRange {
+            offset,
+            len,
+            available: total,
+        }),
     }
-    let mut out = Vec::new();
-    let mut skip = offset;
-    let mut want = len;
-    for seg in segments {
-        if want == 0 {
-            break;
+}
+
+/// See [`sub_segments`].
+#[derive(Debug, Clone)]
+pub struct SubSegments<'a> {
+    segments: std::slice::Iter<'a, Segment>,
+    skip: u64,
+    want: u64,
+}
+
+impl Iterator for SubSegments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        while self.want > 0 {
+            let seg = self.segments.next()?;
+            let seg_len = u64::from(seg.len);
+            if self.skip >= seg_len {
+                self.skip -= seg_len;
+                continue;
+            }
+            let take = (seg_len - self.skip).min(self.want);
+            // `skip < seg_len <= u32::MAX` and the segment is inside guest memory, so neither
+            // the address nor the length can overflow.
+            let out = Segment {
+                addr: GuestAddress(seg.addr.0 + self.skip),
+                len: take as u32,
+            };
+            self.want -= take;
+            self.skip = 0;
+            return Some(out);
         }
-        let seg_len = u64::from(seg.len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let take = (seg_len - skip).min(want);
-        // `skip < seg_len <= u32::MAX` and the segment is inside guest memory, so neither the
-        // address nor the length can overflow.
-        out.push(Segment {
-            addr: GuestAddress(seg.addr.0 + skip),
-            len: take as u32,
-        });
-        want -= take;
-        skip = 0;
+        None
     }
-    Ok(out)
 }
 
 /// Appends the host-virtual iovecs covering `segments` (split where a segment crosses a region
@@ -234,7 +252,7 @@ pub fn sub_segments(
 /// until the I/O using them has completed.
 pub fn host_iovecs(
     mem: &GuestMemory,
-    segments: &[Segment],
+    segments: impl IntoIterator<Item = Segment>,
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), ChainError> {
     for seg in segments {
@@ -367,6 +385,23 @@ mod tests {
         assert_eq!(out, [9, 9, 0]);
         assert!(buffers.write_all_at(&mem, 4, &[0, 0, 0]).is_err());
         assert!(buffers.readable_range(u64::MAX, 2).is_err());
+        let middle: Vec<Segment> = buffers
+            .readable_range(3, 3)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .collect();
+        assert_eq!(
+            middle,
+            vec![
+                Segment {
+                    addr: GuestAddress(0x1003),
+                    len: 1
+                },
+                Segment {
+                    addr: GuestAddress(0x2000),
+                    len: 2
+                }
+            ]
+        );
     }
 
     #[test]
@@ -377,7 +412,7 @@ mod tests {
             len: 200,
         }];
         let mut iov = Vec::new();
-        host_iovecs(&mem, &segs, &mut iov).unwrap_or_else(|e| panic!("{e}"));
+        host_iovecs(&mem, segs, &mut iov).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(iov.len(), 2);
         assert_eq!(iov[0].iov_len, 100);
         assert_eq!(iov[1].iov_len, 100);

@@ -1,0 +1,579 @@
+//! One virtqueue as a device core uses it: the two moments of every chain, when it is taken
+//! from the available ring and when it is returned through the used ring, written once for the
+//! three daemons.
+//!
+//! - [`Ring::try_pop`] / [`Ring::pop`] take the next chain. `pop` re-arms the driver's kicks
+//!   when the ring is empty and looks once more, so that a chain made available in between is
+//!   not left waiting for a kick that will not come. A ring whose available index is
+//!   impossible (more than the queue size ahead of ours) or whose entries cannot be read is
+//!   marked broken: one log line, and the ring is left alone until the frontend sets it up
+//!   again ([`Ring::reset`]). A hostile driver costs its own queue, never a spinning thread.
+//! - [`Ring::push_used`] collects used entries; [`Ring::publish`] writes them with a single
+//!   used-index update (a merged frame or a batch becomes visible at once);
+//!   [`Ring::notify`] interrupts the driver at most once for everything published since the
+//!   last call, as EVENT_IDX's `used_event` or VRING_AVAIL_F_NO_INTERRUPT ask.
+//! - [`RingHooks`] are called at those moments: inflight tracking records taken heads and
+//!   clears returned ones, dirty-page logging marks what the device wrote.
+
+use std::fmt;
+use std::sync::atomic::{fence, Ordering};
+
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::ratelimit::RateLimit;
+use crate::GuestMemory;
+
+/// One used-ring entry: the head of a chain and how many bytes the device wrote into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsedElem {
+    pub head: u16,
+    pub len: u32,
+}
+
+/// What happens to chains at a ring's two moments. Every method has an empty default.
+pub trait RingHooks: Send {
+    /// The chain with this head was taken from the available ring.
+    fn taken(&mut self, _head: u16) {}
+    /// These entries are about to be written to the used ring; the used index will then be
+    /// `new_used_idx`.
+    fn returning(&mut self, _used: &[UsedElem], _new_used_idx: u16) {}
+    /// The used index `used_idx` is published: the entries passed to `returning` are the
+    /// driver's.
+    fn returned(&mut self, _used_idx: u16) {}
+    /// The device wrote `len` bytes of guest memory at `addr` by other means than vm-memory's
+    /// accessors (the kernel through an iovec, a raw copy).
+    fn wrote(&mut self, _addr: GuestAddress, _len: u64) {}
+}
+
+/// Why a ring stopped being served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingBroken {
+    #[error("available index {avail} is {ahead} entries ahead of ours ({next}), more than the queue's {size}")]
+    AvailTooFarAhead {
+        avail: u16,
+        next: u16,
+        ahead: u16,
+        size: u16,
+    },
+    #[error("the available ring cannot be read: {0}")]
+    Unreadable(String),
+    #[error("the used ring cannot be written: {0}")]
+    UsedUnwritable(String),
+}
+
+/// A virtqueue of the device, with its pending used entries and its hooks.
+pub struct Ring {
+    vring: VringRwLock,
+    label: String,
+    broken: Option<RingBroken>,
+    used: Vec<UsedElem>,
+    /// The used index when something was first published after the last notification.
+    unsignalled_from: Option<u16>,
+    hooks: Option<Box<dyn RingHooks>>,
+    errors: RateLimit,
+}
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("label", &self.label)
+            .field("broken", &self.broken)
+            .field("pending_used", &self.used.len())
+            .finish()
+    }
+}
+
+impl Ring {
+    /// `label` names the ring in log lines ("queue 0", "pair 1 RX").
+    pub fn new(vring: VringRwLock, label: impl Into<String>) -> Ring {
+        Ring {
+            vring,
+            label: label.into(),
+            broken: None,
+            used: Vec::new(),
+            unsignalled_from: None,
+            hooks: None,
+            errors: RateLimit::default(),
+        }
+    }
+
+    pub fn vring(&self) -> &VringRwLock {
+        &self.vring
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn set_hooks(&mut self, hooks: Option<Box<dyn RingHooks>>) {
+        self.hooks = hooks;
+    }
+
+    /// Whether the frontend has the ring running (set up and enabled) and it is not broken.
+    pub fn is_usable(&self) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        let state = self.vring.get_ref();
+        state.is_enabled() && state.get_queue().ready()
+    }
+
+    /// Whether the ring is set up (false once the frontend stops it with GET_VRING_BASE).
+    pub fn is_ready(&self) -> bool {
+        self.vring.get_ref().get_queue().ready()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Forgets that the ring was broken: the frontend has set it up again.
+    pub fn reset(&mut self) {
+        self.broken = None;
+    }
+
+    /// Logs a guest error about this ring, rate-limited.
+    pub fn guest_error(&self, what: fmt::Arguments<'_>) {
+        self.errors.warn(format_args!("{}: {what}", self.label));
+    }
+
+    fn mark_broken(&mut self, why: RingBroken) {
+        log::error!(
+            "{}: {why}; the ring is no longer served until the frontend sets it up again",
+            self.label
+        );
+        self.broken = Some(why);
+    }
+
+    /// The driver's kicks are not needed while the device drains the ring (with EVENT_IDX
+    /// this only means not moving `avail_event` forward).
+    pub fn disable_notifications(&self, mem: &GuestMemory) {
+        if let Err(e) = self.vring.get_mut().get_queue_mut().disable_notification(mem) {
+            self.guest_error(format_args!("cannot disable notifications: {e}"));
+        }
+    }
+
+    /// Takes the next available chain without touching notifications.
+    pub fn try_pop<'m>(&mut self, mem: &'m GuestMemory) -> Option<DescriptorChain<&'m GuestMemory>> {
+        if self.broken.is_some() {
+            return None;
+        }
+        let taken = {
+            let mut state = self.vring.get_mut();
+            let queue = state.get_queue_mut();
+            if !queue.ready() {
+                return None;
+            }
+            let next = queue.next_avail();
+            let avail = match queue.avail_idx(mem, Ordering::Acquire) {
+                Ok(avail) => avail.0,
+                Err(e) => {
+                    drop(state);
+                    self.mark_broken(RingBroken::Unreadable(e.to_string()));
+                    return None;
+                }
+            };
+            if avail == next {
+                return None;
+            }
+            let size = queue.size();
+            let ahead = avail.wrapping_sub(next);
+            if ahead > size {
+                drop(state);
+                self.mark_broken(RingBroken::AvailTooFarAhead {
+                    avail,
+                    next,
+                    ahead,
+                    size,
+                });
+                return None;
+            }
+            match queue.iter(mem) {
+                Ok(mut iter) => iter.next().ok_or_else(|| {
+                    RingBroken::Unreadable(format!("entry {next} of the available ring"))
+                }),
+                Err(e) => Err(RingBroken::Unreadable(e.to_string())),
+            }
+        };
+        match taken {
+            Ok(chain) => {
+                if let Some(hooks) = self.hooks.as_mut() {
+                    hooks.taken(chain.head_index());
+                }
+                Some(chain)
+            }
+            Err(why) => {
+                self.mark_broken(why);
+                None
+            }
+        }
+    }
+
+    /// Asks the driver to kick when it makes a chain available. Returns true if one arrived
+    /// in between; kicks are then off again, as the caller goes on draining. False for a
+    /// broken ring.
+    pub fn rearm(&mut self, mem: &GuestMemory) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        let more = {
+            let mut state = self.vring.get_mut();
+            let queue = state.get_queue_mut();
+            match queue.enable_notification(mem) {
+                Ok(true) => {
+                    let _ = queue.disable_notification(mem);
+                    Ok(true)
+                }
+                Ok(false) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        match more {
+            Ok(more) => more,
+            Err(e) => {
+                self.mark_broken(RingBroken::Unreadable(e.to_string()));
+                false
+            }
+        }
+    }
+
+    /// Takes the next available chain; when there is none, re-arms the driver's kicks and
+    /// looks once more. `None`: the ring is empty (kicks on), not ready, or broken.
+    pub fn pop<'m>(&mut self, mem: &'m GuestMemory) -> Option<DescriptorChain<&'m GuestMemory>> {
+        if let Some(chain) = self.try_pop(mem) {
+            return Some(chain);
+        }
+        if self.rearm(mem) {
+            self.try_pop(mem)
+        } else {
+            None
+        }
+    }
+
+    /// Puts the last taken chain back, to be taken again (the device could not handle it now).
+    pub fn put_back(&mut self) {
+        self.vring.get_mut().get_queue_mut().go_to_previous_position();
+    }
+
+    /// Queues a used entry; it reaches the driver with the next [`Ring::publish`].
+    pub fn push_used(&mut self, head: u16, len: u32) {
+        self.used.push(UsedElem { head, len });
+    }
+
+    /// Used entries queued and not yet published.
+    pub fn pending_used(&self) -> usize {
+        self.used.len()
+    }
+
+    /// Reports memory the device wrote behind vm-memory's back to the hooks.
+    pub fn wrote(&mut self, addr: GuestAddress, len: u64) {
+        if let Some(hooks) = self.hooks.as_mut() {
+            hooks.wrote(addr, len);
+        }
+    }
+
+    /// Writes the queued used entries and makes them visible with one used-index update.
+    pub fn publish(&mut self, mem: &GuestMemory) {
+        if self.used.is_empty() {
+            return;
+        }
+        let result = {
+            let mut state = self.vring.get_mut();
+            publish_used(state.get_queue_mut(), mem, &self.used, &mut self.hooks)
+        };
+        self.used.clear();
+        match result {
+            Ok(Some(start)) => {
+                self.unsignalled_from.get_or_insert(start);
+            }
+            Ok(None) => {}
+            Err(why) => self.mark_broken(why),
+        }
+    }
+
+    /// Interrupts the driver if what was published since the last call asks for it: with
+    /// EVENT_IDX when the used index passed the driver's `used_event`, without it unless the
+    /// driver set VRING_AVAIL_F_NO_INTERRUPT (a polling driver such as DPDK's does).
+    pub fn notify(&mut self, mem: &GuestMemory) {
+        let Some(start) = self.unsignalled_from.take() else {
+            return;
+        };
+        let (now, avail, size, event_idx) = {
+            let state = self.vring.get_ref();
+            let queue = state.get_queue();
+            (
+                queue.next_used(),
+                queue.avail_ring(),
+                queue.size(),
+                queue.event_idx_enabled(),
+            )
+        };
+        if now == start {
+            return;
+        }
+        // Our used-index store before the driver's flags or used_event.
+        fence(Ordering::SeqCst);
+        let needed = if event_idx {
+            let used_event = avail
+                .checked_add(4 + 2 * u64::from(size))
+                .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
+            match used_event.map(u16::from_le) {
+                // vring_need_event(used_event, new, old)
+                Some(event) => now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(start),
+                None => true,
+            }
+        } else {
+            mem.load::<u16>(GuestAddress(avail), Ordering::Acquire)
+                .map_or(true, |flags| {
+                    u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+                })
+        };
+        if needed {
+            if let Err(e) = self.vring.signal_used_queue() {
+                self.errors
+                    .error(format_args!("{}: cannot signal the driver: {e}", self.label));
+            }
+        }
+    }
+
+    /// [`Ring::publish`] then [`Ring::notify`].
+    pub fn complete(&mut self, mem: &GuestMemory) {
+        self.publish(mem);
+        self.notify(mem);
+    }
+}
+
+/// Writes `used` after the queue's used index and moves the index once. Returns the index
+/// before, or `None` when nothing was written.
+fn publish_used(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+    used: &[UsedElem],
+    hooks: &mut Option<Box<dyn RingHooks>>,
+) -> Result<Option<u16>, RingBroken> {
+    let size = queue.size();
+    if size == 0 || !queue.ready() {
+        return Ok(None);
+    }
+    let ring = queue.used_ring();
+    let start = queue.next_used();
+    let unwritable = |what: &dyn fmt::Display| RingBroken::UsedUnwritable(what.to_string());
+    let end = start.wrapping_add(used.len() as u16);
+    if let Some(hooks) = hooks.as_mut() {
+        hooks.returning(used, end);
+    }
+    for (i, elem) in used.iter().enumerate() {
+        let slot = u64::from(start.wrapping_add(i as u16) % size);
+        let addr = ring
+            .checked_add(4 + 8 * slot)
+            .ok_or_else(|| unwritable(&"address overflows"))?;
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&u32::from(elem.head).to_le_bytes());
+        bytes[4..].copy_from_slice(&elem.len.to_le_bytes());
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|e| unwritable(&e))?;
+    }
+    let idx_addr = ring
+        .checked_add(2)
+        .ok_or_else(|| unwritable(&"address overflows"))?;
+    // Release: the entries above are visible before the index that hands them over.
+    mem.store(end.to_le(), GuestAddress(idx_addr), Ordering::Release)
+        .map_err(|e| unwritable(&e))?;
+    queue.set_next_used(end);
+    if let Some(hooks) = hooks.as_mut() {
+        hooks.returned(end);
+    }
+    Ok(Some(start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vhost_user_backend::VringRwLock;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use std::fs::File;
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+    /// A call eventfd for the ring, and a handle to read what the device signalled.
+    fn call_eventfd(ring: &Ring) -> File {
+        // SAFETY: eventfd has no memory arguments; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let reader = file.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        ring.vring().set_call(Some(file));
+        reader
+    }
+
+    fn signalled(call: &mut File) -> bool {
+        let mut count = [0u8; 8];
+        call.read_exact(&mut count).is_ok()
+    }
+
+    const SIZE: u16 = 16;
+    /// The mock's used ring starts on the avail ring's `used_event`: ours goes elsewhere.
+    const USED_RING: GuestAddress = GuestAddress(0x4000);
+
+    struct Fixture {
+        mem: GuestMemoryAtomic<GuestMemory>,
+        queue: MockSplitQueue<'static, GuestMemory>,
+        ring: Ring,
+    }
+
+    fn fixture(event_idx: bool) -> Fixture {
+        let mem: &'static GuestMemory = Box::leak(Box::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)])
+                .unwrap_or_else(|e| panic!("memory: {e}")),
+        ));
+        let queue = MockSplitQueue::new(mem, SIZE);
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap_or_else(|e| panic!("{e}"));
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(
+                queue.desc_table_addr().0,
+                queue.avail_addr().0,
+                USED_RING.0,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Fixture {
+            mem: atomic,
+            queue,
+            ring: Ring::new(vring, "queue 0"),
+        }
+    }
+
+    fn add_chains(f: &Fixture, count: u16) {
+        let descs: Vec<RawDescriptor> = (0..count)
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(
+                    0x8000 + u64::from(i) * 0x100,
+                    0x100,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        f.queue
+            .add_desc_chains(&descs, 0)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    }
+
+    #[derive(Default)]
+    struct Recorded {
+        taken: Vec<u16>,
+        returning: Vec<(Vec<UsedElem>, u16)>,
+        returned: Vec<u16>,
+    }
+
+    struct Recorder(Arc<Mutex<Recorded>>);
+
+    impl RingHooks for Recorder {
+        fn taken(&mut self, head: u16) {
+            crate::lock(&self.0).taken.push(head);
+        }
+        fn returning(&mut self, used: &[UsedElem], new_used_idx: u16) {
+            crate::lock(&self.0)
+                .returning
+                .push((used.to_vec(), new_used_idx));
+        }
+        fn returned(&mut self, used_idx: u16) {
+            crate::lock(&self.0).returned.push(used_idx);
+        }
+    }
+
+    #[test]
+    fn chains_are_taken_and_returned_in_one_batch_with_hooks() {
+        let mut f = fixture(true);
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        f.ring
+            .set_hooks(Some(Box::new(Recorder(recorded.clone()))));
+        add_chains(&f, 3);
+        let mem = f.mem.memory();
+        let mut heads = Vec::new();
+        while let Some(chain) = f.ring.pop(&mem) {
+            heads.push(chain.head_index());
+        }
+        assert_eq!(heads, vec![0, 1, 2]);
+        for &head in heads.iter().rev() {
+            f.ring.push_used(head, 7);
+        }
+        f.ring.complete(&mem);
+        let used_idx: u16 = mem
+            .read_obj(USED_RING.unchecked_add(2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(used_idx, 3);
+        let first: [u32; 2] = mem
+            .read_obj(USED_RING.unchecked_add(4))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(first, [2, 7]);
+        let recorded = crate::lock(&recorded);
+        assert_eq!(recorded.taken, vec![0, 1, 2]);
+        assert_eq!(recorded.returning.len(), 1, "one batch");
+        assert_eq!(recorded.returning[0].1, 3);
+        assert_eq!(recorded.returned, vec![3]);
+    }
+
+    #[test]
+    fn an_available_index_too_far_ahead_breaks_the_ring_without_spinning() {
+        let mut f = fixture(true);
+        let mem = f.mem.memory();
+        // The driver claims SIZE + 5 new entries.
+        mem.write_obj(SIZE + 5, f.queue.avail_addr().unchecked_add(2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(f.ring.pop(&mem).is_none());
+        assert!(f.ring.is_broken());
+        assert!(!f.ring.rearm(&mem), "a broken ring never asks to be drained");
+        assert!(f.ring.pop(&mem).is_none());
+        f.ring.reset();
+        assert!(!f.ring.is_broken());
+    }
+
+    #[test]
+    fn notification_follows_used_event_and_no_interrupt() {
+        // EVENT_IDX: used_event = 5; publishing entries 0..3 does not cross it.
+        let mut f = fixture(true);
+        let mem = f.mem.memory();
+        let mut call = call_eventfd(&f.ring);
+        let used_event_addr = f.queue.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
+        add_chains(&f, 8);
+        mem.write_obj(5u16, used_event_addr)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..3 {
+            let head = f.ring.pop(&mem).map(|c| c.head_index());
+            f.ring.push_used(head.unwrap_or(0), 0);
+        }
+        f.ring.complete(&mem);
+        assert!(!signalled(&mut call), "no interrupt before used_event");
+        for _ in 0..3 {
+            let head = f.ring.pop(&mem).map(|c| c.head_index());
+            f.ring.push_used(head.unwrap_or(0), 0);
+        }
+        f.ring.complete(&mem);
+        assert!(signalled(&mut call), "crossing used_event interrupts");
+
+        // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT silences the device.
+        let mut f = fixture(false);
+        let mem = f.mem.memory();
+        let mut call = call_eventfd(&f.ring);
+        add_chains(&f, 1);
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, f.queue.avail_addr())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let head = f.ring.pop(&mem).map(|c| c.head_index());
+        f.ring.push_used(head.unwrap_or(0), 0);
+        f.ring.complete(&mem);
+        assert!(!signalled(&mut call));
+    }
+}
