@@ -13,6 +13,8 @@ pub mod ratelimit;
 pub mod ring;
 pub mod serve;
 pub mod signals;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use cli::{ListenArgs, ListenConfig, ListenSource};
 pub use serve::{bind, run, serve, BoundListener, DaemonBackend};

@@ -16,6 +16,7 @@
 //!   clears returned ones, dirty-page logging marks what the device wrote.
 
 use std::fmt;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 
 use vhost_user_backend::{VringRwLock, VringT};
@@ -130,6 +131,47 @@ impl Ring {
         self.broken.is_some()
     }
 
+    /// The queue's size: also the most descriptors a chain may have.
+    pub fn size(&self) -> u16 {
+        self.vring.get_ref().get_queue().size()
+    }
+
+    /// Whether the driver has made chains available that were not taken yet (one read of the
+    /// available index, for polling). True when the index cannot be read, so that taking
+    /// finds out and reports it; false for a broken or stopped ring.
+    pub fn has_available(&self, mem: &GuestMemory) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        let state = self.vring.get_ref();
+        let queue = state.get_queue();
+        queue.ready()
+            && queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_or(true, |idx| idx.0 != queue.next_avail())
+    }
+
+    /// Signals the ring's kick eventfd, so that its worker is called again for it: a device
+    /// that stops draining a ring before it is empty, to let the thread's other events run,
+    /// comes back to it this way (the driver does not kick again for chains it already made
+    /// available).
+    pub fn kick_self(&self) {
+        let state = self.vring.get_ref();
+        let Some(kick) = state.get_kick() else {
+            return;
+        };
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to the ring's eventfd, which `state`
+        // keeps open for the duration of the call.
+        let written = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if written < 0 {
+            self.guest_error(format_args!(
+                "cannot re-signal the ring: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+
     /// Forgets that the ring was broken: the frontend has set it up again.
     pub fn reset(&mut self) {
         self.broken = None;
@@ -151,13 +193,21 @@ impl Ring {
     /// The driver's kicks are not needed while the device drains the ring (with EVENT_IDX
     /// this only means not moving `avail_event` forward).
     pub fn disable_notifications(&self, mem: &GuestMemory) {
-        if let Err(e) = self.vring.get_mut().get_queue_mut().disable_notification(mem) {
+        if let Err(e) = self
+            .vring
+            .get_mut()
+            .get_queue_mut()
+            .disable_notification(mem)
+        {
             self.guest_error(format_args!("cannot disable notifications: {e}"));
         }
     }
 
     /// Takes the next available chain without touching notifications.
-    pub fn try_pop<'m>(&mut self, mem: &'m GuestMemory) -> Option<DescriptorChain<&'m GuestMemory>> {
+    pub fn try_pop<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+    ) -> Option<DescriptorChain<&'m GuestMemory>> {
         if self.broken.is_some() {
             return None;
         }
@@ -255,7 +305,10 @@ impl Ring {
 
     /// Puts the last taken chain back, to be taken again (the device could not handle it now).
     pub fn put_back(&mut self) {
-        self.vring.get_mut().get_queue_mut().go_to_previous_position();
+        self.vring
+            .get_mut()
+            .get_queue_mut()
+            .go_to_previous_position();
     }
 
     /// Queues a used entry; it reaches the driver with the next [`Ring::publish`].
@@ -333,8 +386,10 @@ impl Ring {
         };
         if needed {
             if let Err(e) = self.vring.signal_used_queue() {
-                self.errors
-                    .error(format_args!("{}: cannot signal the driver: {e}", self.label));
+                self.errors.error(format_args!(
+                    "{}: cannot signal the driver: {e}",
+                    self.label
+                ));
             }
         }
     }
@@ -392,83 +447,20 @@ fn publish_used(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TestQueue;
     use std::sync::{Arc, Mutex};
-    use vhost_user_backend::VringRwLock;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use std::fs::File;
-    use std::io::Read;
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
-
-    /// A call eventfd for the ring, and a handle to read what the device signalled.
-    fn call_eventfd(ring: &Ring) -> File {
-        // SAFETY: eventfd has no memory arguments; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let reader = file.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        ring.vring().set_call(Some(file));
-        reader
-    }
-
-    fn signalled(call: &mut File) -> bool {
-        let mut count = [0u8; 8];
-        call.read_exact(&mut count).is_ok()
-    }
+    use vm_memory::Address;
 
     const SIZE: u16 = 16;
-    /// The mock's used ring starts on the avail ring's `used_event`: ours goes elsewhere.
-    const USED_RING: GuestAddress = GuestAddress(0x4000);
 
-    struct Fixture {
-        mem: GuestMemoryAtomic<GuestMemory>,
-        queue: MockSplitQueue<'static, GuestMemory>,
-        ring: Ring,
+    fn ring(queue: &TestQueue) -> Ring {
+        Ring::new(queue.vring.clone(), "queue 0")
     }
 
-    fn fixture(event_idx: bool) -> Fixture {
-        let mem: &'static GuestMemory = Box::leak(Box::new(
-            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)])
-                .unwrap_or_else(|e| panic!("memory: {e}")),
-        ));
-        let queue = MockSplitQueue::new(mem, SIZE);
-        let atomic = GuestMemoryAtomic::new(mem.clone());
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap_or_else(|e| panic!("{e}"));
-        vring.set_queue_size(SIZE);
-        vring
-            .set_queue_info(
-                queue.desc_table_addr().0,
-                queue.avail_addr().0,
-                USED_RING.0,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        vring.set_queue_event_idx(event_idx);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        Fixture {
-            mem: atomic,
-            queue,
-            ring: Ring::new(vring, "queue 0"),
+    fn add_chains(queue: &mut TestQueue, count: u16) {
+        for i in 0..count {
+            queue.add_chain(&[(0x1_0000 + u64::from(i) * 0x100, 0x100, true)]);
         }
-    }
-
-    fn add_chains(f: &Fixture, count: u16) {
-        let descs: Vec<RawDescriptor> = (0..count)
-            .map(|i| {
-                RawDescriptor::from(Descriptor::new(
-                    0x8000 + u64::from(i) * 0x100,
-                    0x100,
-                    VRING_DESC_F_WRITE as u16,
-                    0,
-                ))
-            })
-            .collect();
-        f.queue
-            .add_desc_chains(&descs, 0)
-            .unwrap_or_else(|e| panic!("{e:?}"));
     }
 
     #[derive(Default)]
@@ -496,29 +488,24 @@ mod tests {
 
     #[test]
     fn chains_are_taken_and_returned_in_one_batch_with_hooks() {
-        let mut f = fixture(true);
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let mut ring = ring(&queue);
         let recorded = Arc::new(Mutex::new(Recorded::default()));
-        f.ring
-            .set_hooks(Some(Box::new(Recorder(recorded.clone()))));
-        add_chains(&f, 3);
-        let mem = f.mem.memory();
+        ring.set_hooks(Some(Box::new(Recorder(recorded.clone()))));
+        add_chains(&mut queue, 3);
+        let mem = queue.memory();
         let mut heads = Vec::new();
-        while let Some(chain) = f.ring.pop(&mem) {
+        while let Some(chain) = ring.pop(&mem) {
             heads.push(chain.head_index());
         }
         assert_eq!(heads, vec![0, 1, 2]);
         for &head in heads.iter().rev() {
-            f.ring.push_used(head, 7);
+            ring.push_used(head, 7);
         }
-        f.ring.complete(&mem);
-        let used_idx: u16 = mem
-            .read_obj(USED_RING.unchecked_add(2))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(used_idx, 3);
-        let first: [u32; 2] = mem
-            .read_obj(USED_RING.unchecked_add(4))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(first, [2, 7]);
+        ring.complete(&mem);
+        assert_eq!(queue.used_idx(), 3);
+        assert_eq!(queue.used(0), (2, 7));
+        assert!(queue.signalled());
         let recorded = crate::lock(&recorded);
         assert_eq!(recorded.taken, vec![0, 1, 2]);
         assert_eq!(recorded.returning.len(), 1, "one batch");
@@ -528,52 +515,56 @@ mod tests {
 
     #[test]
     fn an_available_index_too_far_ahead_breaks_the_ring_without_spinning() {
-        let mut f = fixture(true);
-        let mem = f.mem.memory();
+        let queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let mut ring = ring(&queue);
+        let mem = queue.memory();
         // The driver claims SIZE + 5 new entries.
-        mem.write_obj(SIZE + 5, f.queue.avail_addr().unchecked_add(2))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(f.ring.pop(&mem).is_none());
-        assert!(f.ring.is_broken());
-        assert!(!f.ring.rearm(&mem), "a broken ring never asks to be drained");
-        assert!(f.ring.pop(&mem).is_none());
-        f.ring.reset();
-        assert!(!f.ring.is_broken());
+        queue.set_avail_idx(SIZE + 5);
+        assert!(ring.pop(&mem).is_none());
+        assert!(ring.is_broken());
+        assert!(!ring.rearm(&mem), "a broken ring never asks to be drained");
+        assert!(!ring.has_available(&mem));
+        assert!(ring.pop(&mem).is_none());
+        ring.reset();
+        assert!(!ring.is_broken());
     }
 
     #[test]
     fn notification_follows_used_event_and_no_interrupt() {
         // EVENT_IDX: used_event = 5; publishing entries 0..3 does not cross it.
-        let mut f = fixture(true);
-        let mem = f.mem.memory();
-        let mut call = call_eventfd(&f.ring);
-        let used_event_addr = f.queue.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
-        add_chains(&f, 8);
-        mem.write_obj(5u16, used_event_addr)
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let mut ring = ring(&queue);
+        let mem = queue.memory();
+        add_chains(&mut queue, 8);
+        let used_event = GuestAddress(ring.vring().get_ref().get_queue().avail_ring())
+            .checked_add(4 + 2 * u64::from(SIZE))
+            .unwrap_or(GuestAddress(0));
+        mem.write_obj(5u16, used_event)
             .unwrap_or_else(|e| panic!("{e}"));
         for _ in 0..3 {
-            let head = f.ring.pop(&mem).map(|c| c.head_index());
-            f.ring.push_used(head.unwrap_or(0), 0);
+            let head = ring.pop(&mem).map(|c| c.head_index());
+            ring.push_used(head.unwrap_or(0), 0);
         }
-        f.ring.complete(&mem);
-        assert!(!signalled(&mut call), "no interrupt before used_event");
+        ring.complete(&mem);
+        assert!(!queue.signalled(), "no interrupt before used_event");
         for _ in 0..3 {
-            let head = f.ring.pop(&mem).map(|c| c.head_index());
-            f.ring.push_used(head.unwrap_or(0), 0);
+            let head = ring.pop(&mem).map(|c| c.head_index());
+            ring.push_used(head.unwrap_or(0), 0);
         }
-        f.ring.complete(&mem);
-        assert!(signalled(&mut call), "crossing used_event interrupts");
+        ring.complete(&mem);
+        assert!(queue.signalled(), "crossing used_event interrupts");
 
         // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT silences the device.
-        let mut f = fixture(false);
-        let mem = f.mem.memory();
-        let mut call = call_eventfd(&f.ring);
-        add_chains(&f, 1);
-        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, f.queue.avail_addr())
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, false);
+        let mut ring = Ring::new(queue.vring.clone(), "queue 1");
+        let mem = queue.memory();
+        add_chains(&mut queue, 1);
+        let avail = GuestAddress(ring.vring().get_ref().get_queue().avail_ring());
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, avail)
             .unwrap_or_else(|e| panic!("{e}"));
-        let head = f.ring.pop(&mem).map(|c| c.head_index());
-        f.ring.push_used(head.unwrap_or(0), 0);
-        f.ring.complete(&mem);
-        assert!(!signalled(&mut call));
+        let head = ring.pop(&mem).map(|c| c.head_index());
+        ring.push_used(head.unwrap_or(0), 0);
+        ring.complete(&mem);
+        assert!(!queue.signalled());
     }
 }

@@ -7,7 +7,7 @@ use vhost_user_common::cli::CliError;
 use vhost_user_common::{ListenArgs, ListenConfig};
 
 use crate::disk::DiskOptions;
-use crate::engine::EngineKind;
+use crate::executor::EngineKind;
 use crate::request::ID_BYTES;
 
 /// The longest `--poll-us` accepted.

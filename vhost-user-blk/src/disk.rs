@@ -188,21 +188,34 @@ impl Disk {
     }
 
     /// `preadv` until all of `iov` is filled (short reads continue; EOF is an error).
-    pub fn read_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
-        self.vectored_at(iov, offset, false, 0)
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for writes of its length and stays so
+    /// until this returns.
+    pub unsafe fn read_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
+        // SAFETY: the caller vouches for the iovecs.
+        unsafe { self.vectored_at(iov, offset, false, 0) }
     }
 
     /// `pwritev2` until all of `iov` is written; `dsync` makes this write durable (write-through).
-    pub fn write_vectored_at(
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for reads of its length and stays so
+    /// until this returns.
+    pub unsafe fn write_vectored_at(
         &self,
         iov: &[libc::iovec],
         offset: u64,
         dsync: bool,
     ) -> io::Result<()> {
-        self.vectored_at(iov, offset, true, if dsync { libc::RWF_DSYNC } else { 0 })
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        // SAFETY: the caller vouches for the iovecs.
+        unsafe { self.vectored_at(iov, offset, true, flags) }
     }
 
-    fn vectored_at(
+    /// # Safety
+    /// As for [`Disk::read_vectored_at`] / [`Disk::write_vectored_at`].
+    unsafe fn vectored_at(
         &self,
         iov: &[libc::iovec],
         offset: u64,
@@ -221,8 +234,7 @@ impl Disk {
             let count = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: every iovec points into guest memory validated by the request layer (or
-            // into a bounce buffer) that stays mapped for the duration of this call.
+            // SAFETY: the caller guarantees the iovecs describe valid memory for this call.
             let done = unsafe {
                 if write {
                     libc::pwritev2(
@@ -332,7 +344,8 @@ impl Disk {
                 iov_base: zeroes.as_ptr().cast(),
                 iov_len: n,
             }];
-            self.write_vectored_at(&iov, offset, false)?;
+            // SAFETY: the iovec covers `n <= zeroes.len()` bytes of the live buffer `zeroes`.
+            unsafe { self.write_vectored_at(&iov, offset, false)? };
             offset += n as u64;
         }
         Ok(())
@@ -455,15 +468,15 @@ mod tests {
                 iov_len: b.len(),
             },
         ];
-        disk.write_vectored_at(&iov, 4096, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: the iovecs cover the live vectors `a` and `b`.
+        unsafe { disk.write_vectored_at(&iov, 4096, false) }.unwrap_or_else(|e| panic!("{e}"));
         let mut back = vec![0u8; 1536];
         let iov = [libc::iovec {
             iov_base: back.as_mut_ptr().cast(),
             iov_len: back.len(),
         }];
-        disk.read_vectored_at(&iov, 4096)
-            .unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: the iovec covers the live vector `back`.
+        unsafe { disk.read_vectored_at(&iov, 4096) }.unwrap_or_else(|e| panic!("{e}"));
         assert!(back[..512].iter().all(|&x| x == 1));
         assert!(back[512..].iter().all(|&x| x == 2));
     }
@@ -476,7 +489,8 @@ mod tests {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }];
-        assert!(disk.read_vectored_at(&iov, 3584).is_err());
+        // SAFETY: the iovec covers the live vector `buf`.
+        assert!(unsafe { disk.read_vectored_at(&iov, 3584) }.is_err());
     }
 
     #[test]

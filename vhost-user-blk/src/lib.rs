@@ -1,16 +1,19 @@
 //! vhost-user-blk: a virtio-blk device backed by a file or block device, served over vhost-user.
 //!
-//! - [`request`]: virtio-blk request parsing and synchronous execution (no vhost types).
+//! A request's path, in three files: [`backend`] (the vhost-user glue: features, config space,
+//! memory, one thread per queue, event dispatch) → [`queue`] (the per-queue worker: takes chains
+//! through the ring layer, starts requests, returns them to the used ring) → [`executor`]
+//! (io_uring, inline with copy threads, or synchronous). Around them:
+//! - [`request`]: virtio-blk request parsing and answering (no vhost types, no I/O).
 //! - [`disk`]: the backing store.
-//! - [`engine`]: io_uring and synchronous execution.
 //! - [`pool`]: copy threads sharing batches of reads on memory file systems.
-//! - [`backend`]: the vhost-user glue (features, config space, queues → threads).
 
 pub mod args;
 pub mod backend;
 pub mod disk;
-pub mod engine;
+pub mod executor;
 pub mod pool;
+pub mod queue;
 pub mod request;
 
 use std::sync::Arc;

@@ -21,9 +21,8 @@ use std::time::Duration;
 use vhost_user_common::{lock, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::disk::Disk;
-use crate::engine::{write_status, Completion};
-use crate::request::{execute_sync, Request};
+use crate::executor::{execute_sync, ExecContext};
+use crate::request::{Completion, Request};
 
 /// A batch of reads is split across threads when it moves at least this many bytes: below
 /// that, waking a thread costs more than it saves.
@@ -33,8 +32,7 @@ struct Job {
     requests: Vec<(u16, Request)>,
     /// Keeps the guest memory the requests point into mapped until the job is done.
     mem: Arc<GuestMemory>,
-    disk: Arc<Disk>,
-    write_through: bool,
+    ctx: Arc<ExecContext>,
     done: Arc<DoneList>,
 }
 
@@ -120,13 +118,8 @@ fn run_jobs(shared: &Shared) {
             .requests
             .iter()
             .map(|(head, request)| {
-                // The serial only matters for GET_ID, which is never offloaded.
-                let status = execute_sync(request, &job.disk, &job.mem, &[], job.write_through);
-                write_status(&job.mem, request, status);
-                Completion {
-                    head: *head,
-                    used_len: request.used_len(),
-                }
+                let status = execute_sync(request, &job.ctx, &job.mem);
+                request.finish(*head, &job.mem, status)
             })
             .collect();
         job.done.push(finished);
@@ -194,8 +187,7 @@ impl Offload {
         &mut self,
         requests: Vec<(u16, Request)>,
         mem: Arc<GuestMemory>,
-        disk: &Arc<Disk>,
-        write_through: bool,
+        ctx: &Arc<ExecContext>,
     ) {
         if requests.is_empty() {
             return;
@@ -204,8 +196,7 @@ impl Offload {
         self.pool.submit(Job {
             requests,
             mem,
-            disk: disk.clone(),
-            write_through,
+            ctx: ctx.clone(),
             done: self.done.clone(),
         });
     }
@@ -248,7 +239,7 @@ mod tests {
     fn jobs_run_and_report_to_their_queue() {
         let (file, disk) = crate::disk::temp_disk(1 << 20, false);
         std::fs::write(file.path(), vec![7u8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
-        let disk = Arc::new(disk);
+        let ctx = Arc::new(ExecContext::new(Arc::new(disk), Vec::new()));
         let mem = Arc::new(
             GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)])
                 .unwrap_or_else(|e| panic!("{e}")),
@@ -271,8 +262,8 @@ mod tests {
             requests.push((i, request));
         }
         let rest = requests.split_off(2);
-        offload.submit(requests, mem.clone(), &disk, false);
-        offload.submit(rest, mem.clone(), &disk, false);
+        offload.submit(requests, mem.clone(), &ctx);
+        offload.submit(rest, mem.clone(), &ctx);
         let mut out = Vec::new();
         offload.drain(&mut out);
         assert_eq!(out.len(), 4);

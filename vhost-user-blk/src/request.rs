@@ -1,33 +1,44 @@
 //! virtio-blk requests (virtio 1.2, 5.2.6): parsing a descriptor chain into a validated
-//! [`Request`], and synchronous execution against a [`Disk`]. Nothing here knows vhost-user.
+//! [`Request`], and answering it (the status byte and the [`Completion`], written in one
+//! place). Nothing here knows vhost-user or how requests are executed.
 //!
 //! Everything in a chain is guest-controlled. A request that is wrong but has a status byte gets
 //! a status (IOERR or UNSUPP); one without a status byte is returned to the guest unanswered.
 
-use vhost_user_common::chain::{host_iovecs, ChainBuffers, Segment};
+use vhost_user_common::chain::{ChainBuffers, Segment};
 use vhost_user_common::GuestMemory;
-use vm_memory::{Bytes, GuestAddress};
+use virtio_bindings::virtio_blk::{
+    virtio_blk_discard_write_zeroes, virtio_blk_outhdr, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use crate::disk::{AlignedBuf, Disk};
-
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 /// GET_ID answers with at most this many bytes.
 pub const ID_BYTES: usize = 20;
-const HEADER_SIZE: u64 = 16;
-const RANGE_SIZE: u64 = 16;
-const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// `struct virtio_blk_outhdr`, the request header.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct Header(virtio_blk_outhdr);
+// SAFETY: a C struct of integers without padding; every bit pattern is a valid value.
+unsafe impl ByteValued for Header {}
+
+/// `struct virtio_blk_discard_write_zeroes`, one range of a DISCARD or WRITE_ZEROES request.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct RangeEntry(virtio_blk_discard_write_zeroes);
+// SAFETY: a C struct of integers without padding; every bit pattern is a valid value.
+unsafe impl ByteValued for RangeEntry {}
+
+const HEADER_SIZE: u64 = std::mem::size_of::<Header>() as u64;
+const RANGE_SIZE: u64 = std::mem::size_of::<RangeEntry>() as u64;
 
 /// The device's geometry and limits, as advertised in config space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,14 +118,50 @@ impl Rejection {
     }
 }
 
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+/// A chain the device is done with, ready for the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub head: u16,
+    pub used_len: u32,
 }
 
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
+impl Completion {
+    /// A chain returned unanswered: it had no status byte to write.
+    pub fn unanswered(head: u16) -> Completion {
+        Completion { head, used_len: 0 }
+    }
+}
+
+/// Writes a status byte into guest memory. A failure (memory changed under us) is logged; the
+/// chain is still returned.
+fn write_status(mem: &GuestMemory, at: GuestAddress, status: u8) {
+    if let Err(e) = mem.write_obj(status, at) {
+        log::warn!("cannot write a request status: {e}");
+    }
+}
+
+impl Request {
+    /// Writes `status` for the request in chain `head`: the one place a request is answered.
+    pub fn finish(&self, head: u16, mem: &GuestMemory, status: u8) -> Completion {
+        write_status(mem, self.status, status);
+        Completion {
+            head,
+            used_len: self.used_len(),
+        }
+    }
+}
+
+impl Rejection {
+    /// Answers the rejected chain `head` with its status, if it has a status byte.
+    pub fn finish(&self, head: u16, mem: &GuestMemory) -> Completion {
+        match self.status {
+            Some((at, status)) => {
+                write_status(mem, at, status);
+                Completion { head, used_len: 1 }
+            }
+            None => Completion::unanswered(head),
+        }
+    }
 }
 
 /// Checks `[sector, sector + sectors)` against the capacity and the logical block size, and
@@ -155,7 +202,7 @@ pub fn parse(
     let status_seg = buffers
         .writable_range(writable_len - 1, 1)
         .ok()
-        .and_then(|v| v.first().copied())
+        .and_then(|mut range| range.next())
         .ok_or_else(|| Rejection {
             status: None,
             reason: "cannot locate the status byte".into(),
@@ -169,12 +216,12 @@ pub fn parse(
             buffers.readable_len()
         )));
     }
-    let mut header = [0u8; HEADER_SIZE as usize];
+    let mut header = Header::default();
     buffers
-        .read_exact_at(mem, 0, &mut header)
+        .read_exact_at(mem, 0, header.as_mut_slice())
         .map_err(|e| ioerr(e.to_string()))?;
-    let request_type = le_u32(&header[0..4]);
-    let sector = le_u64(&header[8..16]);
+    let request_type = u32::from_le(header.0.type_);
+    let sector = u64::from_le(header.0.sector);
     let readable_data = buffers.readable_len() - HEADER_SIZE;
     let writable_data = writable_len - 1;
 
@@ -203,12 +250,14 @@ pub fn parse(
             if is_read {
                 let data = buffers
                     .writable_range(0, len)
-                    .map_err(|e| ioerr(e.to_string()))?;
+                    .map_err(|e| ioerr(e.to_string()))?
+                    .collect();
                 Operation::Read { offset, data, len }
             } else {
                 let data = buffers
                     .readable_range(HEADER_SIZE, len)
-                    .map_err(|e| ioerr(e.to_string()))?;
+                    .map_err(|e| ioerr(e.to_string()))?
+                    .collect();
                 Operation::Write { offset, data, len }
             }
         }
@@ -217,7 +266,8 @@ pub fn parse(
             let len = writable_data.min(ID_BYTES as u64);
             let data = buffers
                 .writable_range(0, len)
-                .map_err(|e| ioerr(e.to_string()))?;
+                .map_err(|e| ioerr(e.to_string()))?
+                .collect();
             Operation::GetId { data, len }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -237,19 +287,19 @@ pub fn parse(
             if count > u64::from(max_seg) {
                 return Err(ioerr(format!("{count} ranges, at most {max_seg} allowed")));
             }
-            let mut raw = vec![0u8; readable_data as usize];
-            buffers
-                .read_exact_at(mem, HEADER_SIZE, &mut raw)
-                .map_err(|e| ioerr(e.to_string()))?;
             let mut ranges = Vec::with_capacity(count as usize);
-            for r in raw.chunks_exact(RANGE_SIZE as usize) {
-                let range_sector = le_u64(&r[0..8]);
-                let sectors = le_u32(&r[8..12]);
-                let flags = le_u32(&r[12..16]);
+            for i in 0..count {
+                let mut entry = RangeEntry::default();
+                buffers
+                    .read_exact_at(mem, HEADER_SIZE + i * RANGE_SIZE, entry.as_mut_slice())
+                    .map_err(|e| ioerr(e.to_string()))?;
+                let range_sector = u64::from_le(entry.0.sector);
+                let sectors = u32::from_le(entry.0.num_sectors);
+                let flags = u32::from_le(entry.0.flags);
                 let allowed = if is_discard {
                     0
                 } else {
-                    WRITE_ZEROES_FLAG_UNMAP
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
                 };
                 if flags & !allowed != 0 {
                     return Err(Rejection::with_status(
@@ -268,7 +318,7 @@ pub fn parse(
                 ranges.push(ByteRange {
                     offset,
                     len,
-                    unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+                    unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
                 });
             }
             if is_discard {
@@ -288,154 +338,11 @@ pub fn parse(
     Ok(Request { op, status })
 }
 
-/// Host buffers for a read or write: the guest's own memory, or an aligned bounce buffer when
-/// O_DIRECT needs alignment the guest's buffers don't have.
-pub struct IoBuffers {
-    pub iovecs: Vec<libc::iovec>,
-    bounce: Option<AlignedBuf>,
-}
-
-// SAFETY: the iovecs point into guest memory (kept mapped by the owner of this value, which
-// holds an Arc of it) or into the owned bounce buffer; moving them between threads is fine.
-unsafe impl Send for IoBuffers {}
-
-impl IoBuffers {
-    /// Prepares `data` (`len` bytes) for I/O on `disk`. For a write through a bounce buffer the
-    /// guest data is copied in here.
-    pub fn new(
-        disk: &Disk,
-        mem: &GuestMemory,
-        data: &[Segment],
-        len: u64,
-        is_write: bool,
-    ) -> std::io::Result<IoBuffers> {
-        let mut iovecs = Vec::with_capacity(data.len());
-        host_iovecs(mem, data, &mut iovecs)?;
-        let align = disk.direct_alignment();
-        let aligned = iovecs.iter().all(|v| {
-            (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align)
-        });
-        if !disk.direct() || aligned {
-            return Ok(IoBuffers {
-                iovecs,
-                bounce: None,
-            });
-        }
-        let mut bounce = AlignedBuf::new(len as usize, align.max(4096))?;
-        if is_write {
-            let mut at = 0usize;
-            for seg in data {
-                let n = seg.len as usize;
-                // The segments add up to `len`, the bounce buffer's size.
-                let Some(dst) = bounce.as_mut_slice().get_mut(at..at + n) else {
-                    break;
-                };
-                mem.read_slice(dst, seg.addr)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                at += n;
-            }
-        }
-        let iovecs = vec![libc::iovec {
-            iov_base: bounce.as_ptr().cast(),
-            iov_len: len as usize,
-        }];
-        Ok(IoBuffers {
-            iovecs,
-            bounce: Some(bounce),
-        })
-    }
-
-    /// After a read through a bounce buffer, copies the data out to the guest.
-    pub fn finish_read(&self, mem: &GuestMemory, data: &[Segment]) -> std::io::Result<()> {
-        let Some(bounce) = &self.bounce else {
-            return Ok(());
-        };
-        let mut at = 0usize;
-        for seg in data {
-            let n = seg.len as usize;
-            let Some(src) = bounce.as_slice().get(at..at + n) else {
-                break;
-            };
-            mem.write_slice(src, seg.addr)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            at += n;
-        }
-        Ok(())
-    }
-
-    pub fn bounced(&self) -> bool {
-        self.bounce.is_some()
-    }
-}
-
-/// Executes `request` synchronously and returns the status to report.
-pub fn execute_sync(
-    request: &Request,
-    disk: &Disk,
-    mem: &GuestMemory,
-    serial: &[u8],
-    write_through: bool,
-) -> u8 {
-    let result = match &request.op {
-        Operation::Read { offset, data, len } => IoBuffers::new(disk, mem, data, *len, false)
-            .and_then(|bufs| {
-                disk.read_vectored_at(&bufs.iovecs, *offset)?;
-                bufs.finish_read(mem, data)
-            }),
-        Operation::Write { offset, data, len } => IoBuffers::new(disk, mem, data, *len, true)
-            .and_then(|bufs| disk.write_vectored_at(&bufs.iovecs, *offset, write_through)),
-        Operation::Flush => disk.flush(),
-        Operation::GetId { data, len } => {
-            let mut id = [0u8; ID_BYTES];
-            let n = serial.len().min(ID_BYTES);
-            id[..n].copy_from_slice(&serial[..n]);
-            let mut at = 0usize;
-            let mut result = Ok(());
-            for seg in data {
-                let end = (at + seg.len as usize).min(*len as usize);
-                if let Err(e) = mem.write_slice(&id[at..end], seg.addr) {
-                    result = Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-                    break;
-                }
-                at = end;
-            }
-            result
-        }
-        Operation::Discard(ranges) => ranges
-            .iter()
-            .try_for_each(|r| disk.discard(r.offset, r.len)),
-        Operation::WriteZeroes(ranges) => ranges
-            .iter()
-            .try_for_each(|r| disk.write_zeroes(r.offset, r.len, r.unmap)),
-    };
-    match result {
-        Ok(()) => VIRTIO_BLK_S_OK,
-        Err(e) => {
-            log::warn!(
-                "{}: {:?} failed: {e}",
-                disk.path().display(),
-                kind_name(&request.op)
-            );
-            VIRTIO_BLK_S_IOERR
-        }
-    }
-}
-
-/// A short name for logs.
-pub fn kind_name(op: &Operation) -> &'static str {
-    match op {
-        Operation::Read { .. } => "read",
-        Operation::Write { .. } => "write",
-        Operation::Flush => "flush",
-        Operation::GetId { .. } => "get-id",
-        Operation::Discard(_) => "discard",
-        Operation::WriteZeroes(_) => "write-zeroes",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::Disk;
+    use crate::executor::{execute_sync, ExecContext};
     use std::os::unix::fs::FileExt;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -492,10 +399,15 @@ mod tests {
         crate::disk::temp_disk(2048 * 512, false)
     }
 
+    fn context(disk: Disk, serial: &[u8]) -> ExecContext {
+        ExecContext::new(std::sync::Arc::new(disk), serial.to_vec())
+    }
+
     #[test]
     fn write_then_read_through_the_request_layer() {
         let mem = memory();
         let (file, disk) = disk();
+        let ctx = context(disk, b"");
         mem.write_slice(&[0x42; 1024], GuestAddress(DATA))
             .unwrap_or_else(|e| panic!("{e}"));
         let w = parse_chain(
@@ -511,7 +423,7 @@ mod tests {
         )
         .unwrap_or_else(|r| panic!("{}", r.reason));
         assert_eq!(w.used_len(), 1);
-        assert_eq!(execute_sync(&w, &disk, &mem, b"", false), VIRTIO_BLK_S_OK);
+        assert_eq!(execute_sync(&w, &ctx, &mem), VIRTIO_BLK_S_OK);
         let mut on_disk = [0u8; 1024];
         file.as_file()
             .read_exact_at(&mut on_disk, 4 * 512)
@@ -532,7 +444,7 @@ mod tests {
         )
         .unwrap_or_else(|r| panic!("{}", r.reason));
         assert_eq!(r.used_len(), 1025);
-        assert_eq!(execute_sync(&r, &disk, &mem, b"", false), VIRTIO_BLK_S_OK);
+        assert_eq!(execute_sync(&r, &ctx, &mem), VIRTIO_BLK_S_OK);
         let mut back = [0u8; 512];
         mem.read_slice(&mut back, GuestAddress(DATA + 8192))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -679,6 +591,7 @@ mod tests {
     fn get_id_fills_at_most_twenty_bytes() {
         let mem = memory();
         let (_f, disk) = disk();
+        let ctx = context(disk, b"serial-1");
         let chain = [
             desc(HDR, 16, false),
             desc(DATA, 32, true),
@@ -689,10 +602,7 @@ mod tests {
         let r = parse_chain(&mem, VIRTIO_BLK_T_GET_ID, 0, &chain, &limits())
             .unwrap_or_else(|r| panic!("{}", r.reason));
         assert_eq!(r.used_len(), 21);
-        assert_eq!(
-            execute_sync(&r, &disk, &mem, b"serial-1", false),
-            VIRTIO_BLK_S_OK
-        );
+        assert_eq!(execute_sync(&r, &ctx, &mem), VIRTIO_BLK_S_OK);
         let mut id = [0u8; 32];
         mem.read_slice(&mut id, GuestAddress(DATA))
             .unwrap_or_else(|e| panic!("{e}"));
