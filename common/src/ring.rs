@@ -35,7 +35,7 @@ pub struct UsedElem {
 }
 
 /// What happens to chains at a ring's two moments. Every method has an empty default.
-pub trait RingHooks: Send {
+pub trait RingHooks {
     /// The chain with this head was taken from the available ring.
     fn taken(&mut self, _head: u16) {}
     /// These entries are about to be written to the used ring; the used index will then be
@@ -65,19 +65,48 @@ pub enum RingBroken {
     UsedUnwritable(String),
 }
 
+/// No hooks: a ring whose chains nothing else needs to know about.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+
+impl RingHooks for NoHooks {}
+
+impl<H: RingHooks> RingHooks for Option<H> {
+    fn taken(&mut self, head: u16) {
+        if let Some(hooks) = self {
+            hooks.taken(head);
+        }
+    }
+    fn returning(&mut self, used: &[UsedElem], new_used_idx: u16) {
+        if let Some(hooks) = self {
+            hooks.returning(used, new_used_idx);
+        }
+    }
+    fn returned(&mut self, used_idx: u16) {
+        if let Some(hooks) = self {
+            hooks.returned(used_idx);
+        }
+    }
+    fn wrote(&mut self, addr: GuestAddress, len: u64) {
+        if let Some(hooks) = self {
+            hooks.wrote(addr, len);
+        }
+    }
+}
+
 /// A virtqueue of the device, with its pending used entries and its hooks.
-pub struct Ring {
+pub struct Ring<H = NoHooks> {
     vring: VringRwLock,
     label: String,
     broken: Option<RingBroken>,
     used: Vec<UsedElem>,
     /// The used index when something was first published after the last notification.
     unsignalled_from: Option<u16>,
-    hooks: Option<Box<dyn RingHooks>>,
+    hooks: H,
     errors: RateLimit,
 }
 
-impl fmt::Debug for Ring {
+impl<H> fmt::Debug for Ring<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ring")
             .field("label", &self.label)
@@ -87,16 +116,23 @@ impl fmt::Debug for Ring {
     }
 }
 
-impl Ring {
+impl Ring<NoHooks> {
     /// `label` names the ring in log lines ("queue 0", "pair 1 RX").
     pub fn new(vring: VringRwLock, label: impl Into<String>) -> Ring {
+        Ring::with_hooks(vring, label, NoHooks)
+    }
+}
+
+impl<H: RingHooks> Ring<H> {
+    /// A ring whose two moments are also reported to `hooks`.
+    pub fn with_hooks(vring: VringRwLock, label: impl Into<String>, hooks: H) -> Ring<H> {
         Ring {
             vring,
             label: label.into(),
             broken: None,
             used: Vec::new(),
             unsignalled_from: None,
-            hooks: None,
+            hooks,
             errors: RateLimit::default(),
         }
     }
@@ -109,8 +145,8 @@ impl Ring {
         &self.label
     }
 
-    pub fn set_hooks(&mut self, hooks: Option<Box<dyn RingHooks>>) {
-        self.hooks = hooks;
+    pub fn hooks_mut(&mut self) -> &mut H {
+        &mut self.hooks
     }
 
     /// Whether the frontend has the ring running (set up and enabled) and it is not broken.
@@ -250,9 +286,7 @@ impl Ring {
         };
         match taken {
             Ok(chain) => {
-                if let Some(hooks) = self.hooks.as_mut() {
-                    hooks.taken(chain.head_index());
-                }
+                self.hooks.taken(chain.head_index());
                 Some(chain)
             }
             Err(why) => {
@@ -323,9 +357,7 @@ impl Ring {
 
     /// Reports memory the device wrote behind vm-memory's back to the hooks.
     pub fn wrote(&mut self, addr: GuestAddress, len: u64) {
-        if let Some(hooks) = self.hooks.as_mut() {
-            hooks.wrote(addr, len);
-        }
+        self.hooks.wrote(addr, len);
     }
 
     /// Writes the queued used entries and makes them visible with one used-index update.
@@ -407,7 +439,7 @@ fn publish_used(
     queue: &mut virtio_queue::Queue,
     mem: &GuestMemory,
     used: &[UsedElem],
-    hooks: &mut Option<Box<dyn RingHooks>>,
+    hooks: &mut impl RingHooks,
 ) -> Result<Option<u16>, RingBroken> {
     let size = queue.size();
     if size == 0 || !queue.ready() {
@@ -417,9 +449,7 @@ fn publish_used(
     let start = queue.next_used();
     let unwritable = |what: &dyn fmt::Display| RingBroken::UsedUnwritable(what.to_string());
     let end = start.wrapping_add(used.len() as u16);
-    if let Some(hooks) = hooks.as_mut() {
-        hooks.returning(used, end);
-    }
+    hooks.returning(used, end);
     for (i, elem) in used.iter().enumerate() {
         let slot = u64::from(start.wrapping_add(i as u16) % size);
         let addr = ring
@@ -438,9 +468,7 @@ fn publish_used(
     mem.store(end.to_le(), GuestAddress(idx_addr), Ordering::Release)
         .map_err(|e| unwritable(&e))?;
     queue.set_next_used(end);
-    if let Some(hooks) = hooks.as_mut() {
-        hooks.returned(end);
-    }
+    hooks.returned(end);
     Ok(Some(start))
 }
 
@@ -489,9 +517,8 @@ mod tests {
     #[test]
     fn chains_are_taken_and_returned_in_one_batch_with_hooks() {
         let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
-        let mut ring = ring(&queue);
         let recorded = Arc::new(Mutex::new(Recorded::default()));
-        ring.set_hooks(Some(Box::new(Recorder(recorded.clone()))));
+        let mut ring = Ring::with_hooks(queue.vring.clone(), "queue 0", Recorder(recorded.clone()));
         add_chains(&mut queue, 3);
         let mem = queue.memory();
         let mut heads = Vec::new();

@@ -242,30 +242,41 @@ where
 {
     notify_ready();
     loop {
-        let backend = Arc::new(new_backend().map_err(ServeError::Backend)?);
-        let memory = GuestMemoryAtomic::new(GuestMemory::new());
-        let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), memory)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        let handlers = daemon.get_epoll_handlers();
-        backend
-            .register_listeners(&handlers)
-            .map_err(ServeError::Backend)?;
-        log::info!("waiting for a frontend");
-        daemon
-            .start(&mut listener.listener)
-            .map_err(|e| ServeError::Accept(e.to_string()))?;
-        log::info!("frontend connected");
-        match daemon.wait() {
-            Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => log::warn!("frontend connection ended: {e}"),
-        }
-        for handler in &handlers {
-            handler.send_exit_event();
-        }
-        drop(handlers);
-        // Joins the worker threads; the device (and its in-flight I/O) goes with the last Arc.
-        drop(daemon);
+        let backend = new_backend().map_err(ServeError::Backend)?;
+        serve_one(name, listener, backend)?;
     }
+}
+
+/// Serves one frontend connection on `listener` with `backend`, until the frontend leaves.
+pub fn serve_one<B>(name: &str, listener: &mut BoundListener, backend: B) -> Result<(), ServeError>
+where
+    B: DaemonBackend,
+    B::Vring: Clone + Send + Sync,
+{
+    let backend = Arc::new(backend);
+    let memory = GuestMemoryAtomic::new(GuestMemory::new());
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), memory)
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    let handlers = daemon.get_epoll_handlers();
+    backend
+        .register_listeners(&handlers)
+        .map_err(ServeError::Backend)?;
+    log::info!("waiting for a frontend");
+    daemon
+        .start(&mut listener.listener)
+        .map_err(|e| ServeError::Accept(e.to_string()))?;
+    log::info!("frontend connected");
+    match daemon.wait() {
+        Ok(()) => log::info!("frontend disconnected"),
+        Err(e) => log::warn!("frontend connection ended: {e}"),
+    }
+    for handler in &handlers {
+        handler.send_exit_event();
+    }
+    drop(handlers);
+    // Joins the worker threads; the device (and its in-flight I/O) goes with the last Arc.
+    drop(daemon);
+    Ok(())
 }
 
 #[cfg(test)]

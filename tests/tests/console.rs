@@ -675,3 +675,71 @@ fn hostile_chains_are_returned_once_and_never_crash() -> Result<()> {
     assert!(d.is_running());
     Ok(())
 }
+
+#[test]
+fn a_flood_of_bad_chains_is_logged_at_a_bounded_rate() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ep = dir.path().join("console.sock");
+    let mut d = start(&["--unix", &ep.to_string_lossy()])?;
+    let mut client = connect_unix(&ep)?;
+    client.set_read_timeout(Some(T))?;
+    let mut vmm = TestVmm::connect(&d.socket, RAM, 4, QSIZE, Negotiate::default())?;
+    assert_ne!(vmm.acked_features & F_MULTIPORT, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = d.log_text().lines().count();
+
+    // 10,000 bad chains: half on tx0 (a buffer beyond guest RAM), half on c_ovq (short control
+    // messages), in batches, each used exactly once with length 0.
+    const FLOOD: usize = 10_000;
+    const BATCH: usize = 100;
+    let short = vmm.ram.alloc(8, 8);
+    vmm.ram.write(short, &[1, 2, 3])?;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < FLOOD {
+        for (q, buf) in [
+            (TX0, Buf::readable(RAM - 16, 64)),
+            (C_OVQ, Buf::readable(short, 3)),
+        ] {
+            let queue = &mut vmm.queues[q];
+            for _ in 0..BATCH / 2 {
+                let head = queue.add_chain(&vmm.ram, &[buf])?;
+                queue.publish(&vmm.ram, head)?;
+            }
+            queue.notify()?;
+        }
+        for q in [TX0, C_OVQ] {
+            let used = vmm.queues[q].wait_used(&vmm.ram, BATCH / 2, T)?;
+            assert_eq!(used.len(), BATCH / 2, "each bad chain used exactly once");
+            assert!(used.iter().all(|u| u.len == 0), "{used:?}");
+        }
+        sent += BATCH;
+    }
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.log_text();
+    let flood_lines: Vec<&str> = log.lines().skip(before).collect();
+    // Each ring lets 10 messages a second through: two rings, every second begun.
+    let allowed = 2 * 10 * (elapsed.as_secs() as usize + 1) + 10;
+    assert!(
+        flood_lines.len() <= allowed,
+        "{} log lines for {FLOOD} bad chains in {elapsed:?} (at most {allowed}):\n{}",
+        flood_lines.len(),
+        flood_lines.join("\n")
+    );
+    assert!(log.contains("bad transmit chain"), "{log}");
+    assert!(log.contains("short control message"), "{log}");
+
+    // Still served: data on tx0, and the control handshake.
+    send(&mut vmm, TX0, b"still served", 64)?;
+    let mut got = [0u8; 12];
+    client.read_exact(&mut got)?;
+    assert_eq!(&got, b"still served");
+    let mut cin = Rx::new(C_IVQ, 256);
+    cin.post(&mut vmm, 8)?;
+    send(&mut vmm, C_OVQ, &ctrl(0, DEVICE_READY, 1), 64)?;
+    let add = cin.buffers(&mut vmm, 1)?;
+    assert_eq!(parse_ctrl(&add[0]), (0, DEVICE_ADD, 1, vec![]));
+    assert!(d.is_running());
+    Ok(())
+}

@@ -1,6 +1,10 @@
-//! The virtio-console control queues (virtio 1.2, 5.3.6.2): message layout and the device's
-//! side of the MULTIPORT handshake. No vhost types here: the backend feeds in what the driver
-//! sent on c_ovq and sends what comes back on c_ivq.
+//! The virtio-console layouts (virtio 1.2, 5.3): the config space, the queue layout, the
+//! control messages of c_ivq / c_ovq and the device's side of the MULTIPORT handshake. No vhost
+//! types here: the pump feeds in what the driver sent on c_ovq and sends what comes back on
+//! c_ivq.
+
+use vhost_user_common::ratelimit::RateLimit;
+use vm_memory::ByteValued;
 
 /// virtio-console feature bits (virtio 1.2, 5.3.3).
 pub const VIRTIO_CONSOLE_F_SIZE: u64 = 1 << 0;
@@ -20,10 +24,38 @@ pub const PORT_NAME: u16 = 7;
 /// Size of `struct virtio_console_control` (le32 id, le16 event, le16 value).
 pub const HEADER_LEN: usize = 8;
 
-/// The config space: le16 cols, le16 rows, le32 max_nr_ports, le32 emerg_wr.
-pub const CONFIG_LEN: usize = 12;
+/// The config space, laid out as Linux's `struct virtio_console_config` (virtio-bindings has
+/// no console bindings): little-endian fields, 12 bytes.
+#[repr(C, packed)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VirtioConsoleConfig {
+    pub cols: u16,
+    pub rows: u16,
+    pub max_nr_ports: u32,
+    pub emerg_wr: u32,
+}
+
+// SAFETY: plain integers in a packed struct: no padding, and every byte pattern is a value.
+unsafe impl ByteValued for VirtioConsoleConfig {}
+
+impl VirtioConsoleConfig {
+    /// The device's config space: the console's size (zeros when unknown) and the number of
+    /// ports, in the guest's byte order (little-endian).
+    pub fn new(size: Option<(u16, u16)>, max_nr_ports: u32) -> VirtioConsoleConfig {
+        let (cols, rows) = size.unwrap_or((0, 0));
+        VirtioConsoleConfig {
+            cols: cols.to_le(),
+            rows: rows.to_le(),
+            max_nr_ports: max_nr_ports.to_le(),
+            emerg_wr: 0,
+        }
+    }
+}
+
+/// Size of the config space.
+pub const CONFIG_LEN: usize = std::mem::size_of::<VirtioConsoleConfig>();
 /// Offset of `emerg_wr` in the config space.
-pub const EMERG_WR_OFFSET: usize = 8;
+pub const EMERG_WR_OFFSET: usize = std::mem::offset_of!(VirtioConsoleConfig, emerg_wr);
 
 /// Queue index of port `port`'s receive queue (device → driver) with MULTIPORT:
 /// rx0, tx0, c_ivq, c_ovq, rx1, tx1, ...
@@ -47,6 +79,19 @@ pub const C_OVQ: usize = 3;
 /// Number of virtqueues for `ports` ports with MULTIPORT.
 pub fn num_queues(ports: usize) -> usize {
     2 * ports + 2
+}
+
+/// How queue `index` is named in log lines.
+pub fn queue_name(index: usize) -> String {
+    match index {
+        C_IVQ => "c_ivq".to_string(),
+        C_OVQ => "c_ovq".to_string(),
+        _ => {
+            let port = if index < 2 { 0 } else { (index - 2) / 2 };
+            let dir = if index.is_multiple_of(2) { "rx" } else { "tx" };
+            format!("port {port} {dir}")
+        }
+    }
 }
 
 /// One control message header.
@@ -136,14 +181,22 @@ impl Handshake {
     }
 
     /// Handles one message from the driver and returns the messages to send back, in order.
-    /// Messages about unknown ports, failures and unknown events are logged and ignored.
-    pub fn on_driver_message(&mut self, msg: ControlMsg, ports: &[PortInfo]) -> Vec<Vec<u8>> {
+    /// Messages about unknown ports, failures and unknown events are ignored; what they make
+    /// the device log goes through `log` (the driver sends what it likes, as often as it likes).
+    pub fn on_driver_message(
+        &mut self,
+        msg: ControlMsg,
+        ports: &[PortInfo],
+        log: &RateLimit,
+    ) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let port = msg.id as usize;
         match msg.event {
             DEVICE_READY => {
                 if msg.value != 1 {
-                    log::warn!("driver failed to set up the device (DEVICE_READY 0)");
+                    log.warn(format_args!(
+                        "driver failed to set up the device (DEVICE_READY 0)"
+                    ));
                     return out;
                 }
                 self.device_ready = true;
@@ -153,11 +206,11 @@ impl Handshake {
             }
             PORT_READY => {
                 let Some(info) = ports.get(port) else {
-                    log::warn!("PORT_READY for unknown port {port}");
+                    log.warn(format_args!("PORT_READY for unknown port {port}"));
                     return out;
                 };
                 if msg.value != 1 {
-                    log::warn!("driver failed to add port {port}");
+                    log.warn(format_args!("driver failed to add port {port}"));
                     return out;
                 }
                 if let Some(ready) = self.port_ready.get_mut(port) {
@@ -179,14 +232,20 @@ impl Handshake {
             PORT_OPEN => match self.guest_open.get_mut(port) {
                 Some(open) => {
                     *open = msg.value != 0;
-                    log::info!(
-                        "guest {} port {port}",
-                        if *open { "opened" } else { "closed" }
-                    );
+                    if log.allow() {
+                        log::info!(
+                            "guest {} port {port}",
+                            if *open { "opened" } else { "closed" }
+                        );
+                    }
                 }
-                None => log::warn!("PORT_OPEN for unknown port {port}"),
+                None => log.warn(format_args!("PORT_OPEN for unknown port {port}")),
             },
-            event => log::debug!("ignoring control event {event} for port {port}"),
+            event => {
+                if log.allow() {
+                    log::debug!("ignoring control event {event} for port {port}");
+                }
+            }
         }
         out
     }
@@ -243,8 +302,9 @@ mod tests {
     #[test]
     fn handshake_adds_names_and_opens_ports() {
         let ports = ports();
+        let log = RateLimit::default();
         let mut hs = Handshake::new(2);
-        let add = hs.on_driver_message(msg(0, DEVICE_READY, 1), &ports);
+        let add = hs.on_driver_message(msg(0, DEVICE_READY, 1), &ports, &log);
         assert_eq!(
             add,
             vec![
@@ -253,7 +313,7 @@ mod tests {
             ]
         );
         assert!(hs.device_ready());
-        let console = hs.on_driver_message(msg(0, PORT_READY, 1), &ports);
+        let console = hs.on_driver_message(msg(0, PORT_READY, 1), &ports, &log);
         assert_eq!(
             console,
             vec![
@@ -262,7 +322,7 @@ mod tests {
                 port_open(0, false)
             ]
         );
-        let named = hs.on_driver_message(msg(1, PORT_READY, 1), &ports);
+        let named = hs.on_driver_message(msg(1, PORT_READY, 1), &ports, &log);
         assert_eq!(
             named,
             vec![
@@ -272,7 +332,7 @@ mod tests {
         );
         assert!(hs.port_ready(1));
         assert!(hs
-            .on_driver_message(msg(1, PORT_OPEN, 1), &ports)
+            .on_driver_message(msg(1, PORT_OPEN, 1), &ports, &log)
             .is_empty());
         assert!(hs.guest_open(1));
     }
@@ -280,18 +340,45 @@ mod tests {
     #[test]
     fn hostile_messages_are_ignored() {
         let ports = ports();
+        let log = RateLimit::default();
         let mut hs = Handshake::new(2);
         assert!(hs
-            .on_driver_message(msg(9, PORT_READY, 1), &ports)
+            .on_driver_message(msg(9, PORT_READY, 1), &ports, &log)
             .is_empty());
         assert!(hs
-            .on_driver_message(msg(u32::MAX, PORT_OPEN, 1), &ports)
+            .on_driver_message(msg(u32::MAX, PORT_OPEN, 1), &ports, &log)
             .is_empty());
         assert!(hs
-            .on_driver_message(msg(0, DEVICE_READY, 0), &ports)
+            .on_driver_message(msg(0, DEVICE_READY, 0), &ports, &log)
             .is_empty());
-        assert!(hs.on_driver_message(msg(0, 999, 1), &ports).is_empty());
+        assert!(hs
+            .on_driver_message(msg(0, 999, 1), &ports, &log)
+            .is_empty());
         assert!(!hs.port_ready(9));
+    }
+
+    #[test]
+    fn config_space_is_the_virtio_layout() {
+        let config = VirtioConsoleConfig::new(Some((132, 43)), 2);
+        assert_eq!(CONFIG_LEN, 12);
+        assert_eq!(EMERG_WR_OFFSET, 8);
+        assert_eq!(config.as_slice(), &[132, 0, 43, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn queues_have_names() {
+        let names: Vec<String> = (0..6).map(queue_name).collect();
+        assert_eq!(
+            names,
+            [
+                "port 0 rx",
+                "port 0 tx",
+                "c_ivq",
+                "c_ovq",
+                "port 1 rx",
+                "port 1 tx"
+            ]
+        );
     }
 
     #[test]

@@ -2,20 +2,44 @@
 //! pseudo-terminals, UNIX sockets or TCP sockets on the host.
 //!
 //! Reading order: [`args`] (flags → [`args::Config`]), [`run`] (start-up), [`backend`] (the
-//! vhost-user glue and the worker's pump), [`endpoint`] (host side of a port), [`control`]
-//! (MULTIPORT control messages).
+//! vhost-user glue), [`pump`] (the device's loop: virtqueues ↔ ports), [`endpoint`] (host side
+//! of a port), [`control`] (the virtio-console layouts and the MULTIPORT handshake).
 
 pub mod args;
 pub mod backend;
 pub mod control;
 pub mod endpoint;
+pub mod pump;
 
 use std::sync::{Arc, Mutex};
 
+use clap::Parser;
 use vhost_user_common::serve::ServeError;
 
-use crate::args::Config;
-use crate::backend::{ConsoleBackend, Host};
+pub use crate::args::{Args, Config};
+use crate::backend::ConsoleBackend;
+use crate::pump::Host;
+
+/// What `--print-capabilities` reports (QEMU's vhost-user.json "console" type).
+pub fn capabilities() -> String {
+    let features = ["pty", "unix", "tcp", "history", "multiport"];
+    vhost_user_common::caps::capabilities_json("console", &features)
+}
+
+/// The command line, or exit: a usage error is one line (`vhost-user-console: error: ...`)
+/// with clap's exit code 2; `--help` and `--version` print and exit 0.
+pub fn parse_args() -> Args {
+    Args::try_parse().unwrap_or_else(|e| {
+        if !e.use_stderr() {
+            e.exit(); // --help, --version
+        }
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("bad arguments");
+        let message = first.strip_prefix("error: ").unwrap_or(first);
+        eprintln!("vhost-user-console: error: {message} (see --help)");
+        std::process::exit(2);
+    })
+}
 
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +50,7 @@ pub enum RunError {
     Endpoint(std::io::Error),
 }
 
-/// Binds the vhost-user socket, opens the ports' endpoints and serves frontends until a
+/// Opens the ports' endpoints, binds the vhost-user socket and serves frontends until a
 /// signal ends the process.
 pub fn run(config: Config) -> Result<(), RunError> {
     // Endpoints first: once the vhost-user socket exists, the console is ready to attach.

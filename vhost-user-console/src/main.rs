@@ -1,33 +1,22 @@
-use clap::Parser;
-use vhost_user_console::args::{Args, Config};
+use std::process::ExitCode;
 
-fn main() {
-    let args = Args::try_parse().unwrap_or_else(|e| {
-        if !e.use_stderr() {
-            e.exit(); // --help, --version
-        }
-        let text = e.render().to_string();
-        eprintln!(
-            "vhost-user-console: {} (see --help)",
-            text.lines().next().unwrap_or("bad arguments")
-        );
-        std::process::exit(2);
-    });
+use vhost_user_console::{capabilities, parse_args, run, Config};
+
+fn main() -> ExitCode {
+    let args = parse_args();
     if args.listen.print_capabilities {
-        let features = ["pty", "unix", "tcp", "history", "multiport"];
-        println!(
-            "{}",
-            vhost_user_common::caps::capabilities_json("console", &features)
-        );
-        return;
+        println!("{}", capabilities());
+        return ExitCode::SUCCESS;
     }
     vhost_user_common::logging::init(args.listen.log_level);
-    let config = Config::try_from(args).unwrap_or_else(|e| {
-        eprintln!("vhost-user-console: {e}");
-        std::process::exit(1);
-    });
-    if let Err(e) = vhost_user_console::run(config) {
-        log::error!("{e}");
-        std::process::exit(1);
+    let result = Config::try_from(args)
+        .map_err(|e| e.to_string())
+        .and_then(|config| run(config).map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-console: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
