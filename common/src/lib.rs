@@ -5,6 +5,7 @@
 pub mod caps;
 pub mod chain;
 pub mod cli;
+pub mod inflight;
 pub mod logging;
 pub mod memory;
 pub mod serve;

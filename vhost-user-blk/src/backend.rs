@@ -3,12 +3,15 @@
 //! `handle_event` → [`QueueWorker::process_queue`] (pop chains, [`request::parse`], hand to the
 //! engine) → [`QueueWorker::complete`] (status written, used ring filled, one interrupt per batch).
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -18,7 +21,8 @@ use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use vhost_user_common::chain::pop_parsed;
+use vhost_user_common::chain::{pop_parsed, ChainBuffers, ChainError};
+use vhost_user_common::inflight::{self, QueueTracker};
 use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemory, GuestMemoryAtomic};
 
 use crate::disk::Disk;
@@ -74,6 +78,10 @@ struct QueueWorker {
     vring: Option<VringRwLock>,
     completions: Vec<Completion>,
     rejected: u64,
+    /// Inflight I/O tracking (issue 11): this queue's region, once the frontend set one.
+    inflight: Option<QueueTracker>,
+    /// Chains left in flight by a previous backend, to execute before anything new.
+    resubmit: Vec<(u16, Result<ChainBuffers, ChainError>)>,
 }
 
 impl BlkBackend {
@@ -151,6 +159,8 @@ impl BlkBackend {
                     vring: None,
                     completions: Vec::with_capacity(usize::from(settings.queue_size)),
                     rejected: 0,
+                    inflight: None,
+                    resubmit: Vec::new(),
                 })
             })
             .collect();
@@ -306,8 +316,15 @@ impl QueueWorker {
         let write_through = backend.write_through();
         let serial = backend.settings.serial.as_slice();
         let mut taken = 0;
-        while let Some((head, parsed)) = pop_parsed(vring, mem) {
+        // Inflight tracking (issue 11): resubmitted chains first, and every chain taken is
+        // recorded in flight before it runs.
+        let resubmit = std::mem::take(&mut self.resubmit);
+        let popped = std::iter::from_fn(|| pop_parsed(vring, mem));
+        for (head, parsed) in resubmit.into_iter().chain(popped) {
             taken += 1;
+            if let Some(tracker) = self.inflight.as_mut() {
+                tracker.taken(head);
+            }
             let buffers = match parsed {
                 Ok(b) => b,
                 Err(e) => {
@@ -483,6 +500,11 @@ impl QueueWorker {
         {
             // One lock for the whole batch.
             let mut state = vring.get_mut();
+            // Inflight tracking (issue 11): the batch is linked in the region before the used
+            // index moves, and leaves it after.
+            if let Some(tracker) = self.inflight.as_mut() {
+                tracker.returning(self.completions.iter().map(|done| done.head));
+            }
             for done in self.completions.drain(..) {
                 if let Err(e) = state.add_used(done.head, done.used_len) {
                     log::warn!(
@@ -490,6 +512,9 @@ impl QueueWorker {
                         done.head
                     );
                 }
+            }
+            if let Some(tracker) = self.inflight.as_mut() {
+                tracker.returned(state.get_queue().next_used());
             }
         }
         if vring.needs_notification().map_err(io::Error::other)? {
@@ -535,6 +560,23 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        inflight::allocate(msg, self.workers.len())
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        // On every connection, before the rings start: each queue recovers from its region on
+        // its first event (see `handle_event`).
+        let mut trackers = inflight::map(msg, &file, self.workers.len())?.into_iter();
+        for index in 0..self.workers.len() {
+            if let Some(mut worker) = self.worker(index) {
+                worker.inflight = trackers.next();
+            }
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -621,6 +663,10 @@ impl VhostUserBackend for BlkBackend {
         if let Some(vring) = worker.vring.clone() {
             worker.complete(&vring)?;
         }
+        if let Some(tracker) = worker.inflight.as_mut() {
+            // The next start of the ring recovers again (nothing is in flight now).
+            tracker.stopped();
+        }
         Ok(())
     }
 
@@ -642,6 +688,14 @@ impl VhostUserBackend for BlkBackend {
         }
         // Errors here are about the guest's rings; they are logged, never fatal to the worker.
         let result = if device_event == 0 {
+            // Inflight tracking (issue 11): the first event after the ring started finds where
+            // the ring really is and what a previous backend left in flight.
+            let worker = &mut *worker;
+            if let (Some(tracker), Some(mem)) = (worker.inflight.as_mut(), worker.mem.as_ref()) {
+                if tracker.needs_recovery() {
+                    worker.resubmit = inflight::start_ring(tracker, vring, &mem.memory());
+                }
+            }
             worker.process_queue(self, vring)
         } else if usize::from(device_event) == self.num_queues() + 1 {
             worker.reap(self, vring)
