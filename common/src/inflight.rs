@@ -794,6 +794,76 @@ mod tests {
         assert_eq!(r.next_avail, Some(1));
     }
 
+    fn guest() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)])
+            .unwrap_or_else(|e| panic!("test memory: {e}"))
+    }
+
+    fn put(mem: &GuestMemory, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(table + 16 * u64::from(i));
+        mem.write_obj(Descriptor::new(addr, len, flags, next), at)
+            .unwrap_or_else(|e| panic!("write descriptor: {e}"));
+    }
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+
+    #[test]
+    fn resubmitted_chains_are_walked_like_popped_ones() {
+        let mem = guest();
+        let table = 0x1000;
+        // Direct: head 5 -> 9 -> 2.
+        put(&mem, table, 5, 0x8000, 16, NEXT, 9);
+        put(&mem, table, 9, 0x9000, 512, NEXT | WRITE, 2);
+        put(&mem, table, 2, 0xa000, 1, WRITE, 0);
+        let chain = parse_chain_at(&mem, GuestAddress(table), 16, 5)
+            .unwrap_or_else(|e| panic!("direct chain: {e}"));
+        assert_eq!((chain.readable_len(), chain.writable_len()), (16, 513));
+        // Indirect: head 7 refers to a table of three.
+        let indirect = 0x4000;
+        put(&mem, table, 7, indirect, 48, INDIRECT, 0);
+        put(&mem, indirect, 0, 0x8000, 16, NEXT, 1);
+        put(&mem, indirect, 1, 0x9000, 4096, NEXT | WRITE, 2);
+        put(&mem, indirect, 2, 0xa000, 1, WRITE, 0);
+        let chain = parse_chain_at(&mem, GuestAddress(table), 16, 7)
+            .unwrap_or_else(|e| panic!("indirect chain: {e}"));
+        assert_eq!((chain.readable_len(), chain.writable_len()), (16, 4097));
+    }
+
+    #[test]
+    fn hostile_resubmitted_chains_are_refused() {
+        let mem = guest();
+        let table = 0x1000;
+        // A loop.
+        put(&mem, table, 0, 0x8000, 16, NEXT, 1);
+        put(&mem, table, 1, 0x8000, 16, NEXT, 0);
+        assert!(matches!(
+            parse_chain_at(&mem, GuestAddress(table), 16, 0),
+            Err(ChainError::TooLong(16))
+        ));
+        // A head or a next beyond the table.
+        assert!(parse_chain_at(&mem, GuestAddress(table), 16, 16).is_err());
+        put(&mem, table, 3, 0x8000, 16, NEXT, 200);
+        assert!(parse_chain_at(&mem, GuestAddress(table), 16, 3).is_err());
+        // Indirect inside indirect, a table of a partial descriptor, a table outside memory.
+        put(&mem, table, 4, 0x4000, 16, INDIRECT, 0);
+        put(&mem, 0x4000, 0, 0x5000, 16, INDIRECT, 0);
+        assert!(parse_chain_at(&mem, GuestAddress(table), 16, 4).is_err());
+        put(&mem, table, 6, 0x4000, 20, INDIRECT, 0);
+        assert!(parse_chain_at(&mem, GuestAddress(table), 16, 6).is_err());
+        put(&mem, table, 8, 0xff_fff0, 32, INDIRECT, 0);
+        assert!(parse_chain_at(&mem, GuestAddress(table), 16, 8).is_err());
+        // A buffer outside guest memory: ChainBuffers' own check.
+        put(&mem, table, 10, 0x20_0000, 16, 0, 0);
+        assert!(matches!(
+            parse_chain_at(&mem, GuestAddress(table), 16, 10),
+            Err(ChainError::OutsideMemory { .. })
+        ));
+        // A table at the very top of the address space.
+        assert!(parse_chain_at(&mem, GuestAddress(u64::MAX - 8), 16, 1).is_err());
+    }
+
     #[test]
     fn garbage_regions_do_not_panic_or_loop() {
         let (file, _t) = region(1, 128);
