@@ -902,3 +902,138 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// vhost-user-console has no inflight tracking: what a restart loses or repeats there.
+
+/// Connects as QEMU does to a device without INFLIGHT_SHMFD (here vhost-user-console, one
+/// port: rx0 and tx0), then the memory table.
+fn connect_plain(daemon: &Daemon, ram: &GuestRam, num_queues: usize) -> Result<Frontend> {
+    let mut frontend = Frontend::connect(&daemon.socket, num_queues as u64)?;
+    frontend.set_owner()?;
+    let features = frontend.get_features()?;
+    let offered = frontend.get_protocol_features()?;
+    assert!(!offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    frontend.set_protocol_features(
+        offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
+    )?;
+    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    frontend.set_features(features & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES))?;
+    frontend.set_mem_table(&[ram.region_info()?])?;
+    Ok(frontend)
+}
+
+/// Reads until EOF or `timeout` without data.
+fn read_to_end_within(stream: &mut std::os::unix::net::UnixStream, timeout: Duration) -> Vec<u8> {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+/// vhost-user-console SIGKILLed while a client is not reading (back-pressure: the daemon holds
+/// accepted output and stops taking transmit chains), then restarted; QEMU rewinds the ring to
+/// the used index. The rings are exact: the new daemon sends every chain the old one had not
+/// returned, in order, and none it had returned. What the old daemon had accepted but not
+/// written is lost (at most its 64 KiB buffer), and a chain it was part-way through is sent
+/// again from its start (at most one chain).
+#[test]
+fn console_restart_loses_only_its_buffer_and_repeats_at_most_one_chain() -> Result<()> {
+    const CHAIN: usize = 16 * 1024;
+    let dir = tempfile::tempdir()?;
+    let first_ep = dir.path().join("first.sock");
+    let second_ep = dir.path().join("second.sock");
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut ram = GuestRam::new(RAM)?;
+
+    let mut first = Daemon::start(
+        "vhost-user-console",
+        &["--unix", &first_ep.to_string_lossy()],
+    )?;
+    let mut client = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match std::os::unix::net::UnixStream::connect(&first_ep) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    };
+    let mut frontend = connect_plain(&first, &ram, 2)?;
+    let mut rx = Ring::new(&ram, 0, 256)?;
+    let mut tx = Ring::new(&ram, 1, 256)?;
+    rx.start(&mut frontend, &ram, 0)?;
+    tx.start(&mut frontend, &ram, 0)?;
+    let mut heads = Vec::new();
+    for chunk in data.chunks(CHAIN) {
+        let gpa = ram.alloc(chunk.len() as u64, 8);
+        ram.write(gpa, chunk)?;
+        let head = tx.next_desc;
+        GuestQueue::write_desc(&ram, tx.desc, head, gpa, chunk.len() as u32, 0, 0)?;
+        tx.next_desc = (head + 1) % tx.size;
+        tx.publish(&ram, head)?;
+        heads.push(head);
+    }
+    tx.kick.write(1)?;
+    // Nobody reads: the daemon takes chains until its buffer and the socket's are full.
+    std::thread::sleep(Duration::from_millis(500));
+    let returned = usize::from(tx.used_idx(&ram)?);
+    assert!(returned < heads.len(), "no back-pressure");
+    tx.skip_used(&ram)?;
+    first.child.kill()?;
+    first.child.wait()?;
+    drop(frontend);
+    // What reached the client before the daemon died: a prefix of the stream.
+    let before = read_to_end_within(&mut client, Duration::from_secs(2));
+    assert_eq!(&before[..], &data[..before.len()]);
+
+    let second = Daemon::start(
+        "vhost-user-console",
+        &["--unix", &second_ep.to_string_lossy()],
+    )?;
+    let mut client = std::os::unix::net::UnixStream::connect(&second_ep)?;
+    let mut frontend = connect_plain(&second, &ram, 2)?;
+    let rewound = tx.used_idx(&ram)?;
+    rx.start(&mut frontend, &ram, rx.used_idx(&ram)?)?;
+    tx.start(&mut frontend, &ram, rewound)?;
+    let expected = &data[returned * CHAIN..];
+    let mut after = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while after.len() < expected.len() && Instant::now() < deadline {
+        after.extend(read_to_end_within(&mut client, Duration::from_millis(200)));
+    }
+    assert!(
+        after == expected,
+        "the new daemon sent {} bytes, expected the {} of the chains not returned",
+        after.len(),
+        expected.len()
+    );
+    let done = tx.wait_used(&ram, heads.len() - returned)?;
+    assert_eq!(
+        done,
+        heads[returned..].to_vec(),
+        "each chain used once, in order"
+    );
+    let accepted = returned * CHAIN;
+    let lost = accepted.saturating_sub(before.len());
+    let repeated = before.len().saturating_sub(accepted);
+    eprintln!(
+        "console restart: {returned} chains returned before the kill, {} bytes reached the \
+         client; lost {lost} bytes (accepted, not written), repeated {repeated} bytes",
+        before.len()
+    );
+    assert!(lost <= 64 * 1024, "lost more than the daemon's buffer");
+    assert!(repeated <= CHAIN, "repeated more than one chain");
+    drop(frontend);
+    Ok(())
+}
