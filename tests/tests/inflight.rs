@@ -970,7 +970,7 @@ fn console_restart_loses_only_its_buffer_and_repeats_at_most_one_chain() -> Resu
         }
     };
     let mut frontend = connect_plain(&first, &ram, 2)?;
-    let mut rx = Ring::new(&ram, 0, 256)?;
+    let rx = Ring::new(&ram, 0, 256)?;
     let mut tx = Ring::new(&ram, 1, 256)?;
     rx.start(&mut frontend, &ram, 0)?;
     tx.start(&mut frontend, &ram, 0)?;
