@@ -1,6 +1,7 @@
 //! What every vhost-user daemon in this workspace shares: the command-line conventions of QEMU's
 //! vhost-user backends, logging, signal handling, the listen / accept / re-listen loop with
-//! systemd socket activation and readiness, and bounds-checked access to descriptor chains.
+//! systemd socket activation and readiness, bounds-checked access to descriptor chains,
+//! and inflight I/O tracking (restart without losing a request).
 
 pub mod caps;
 pub mod chain;
