@@ -1,12 +1,14 @@
 //! What every vhost-user daemon in this workspace shares: the command-line conventions of QEMU's
 //! vhost-user backends, logging, signal handling, the listen / accept / re-listen loop with
-//! systemd socket activation and readiness, bounds-checked access to descriptor chains, and the
-//! ring layer (`ring`) through which every chain is taken and returned.
+//! systemd socket activation and readiness, bounds-checked access to descriptor chains, the
+//! ring layer (`ring`) through which every chain is taken and returned, and inflight I/O
+//! tracking on its hooks (`inflight`: restart without losing a request).
 
 pub mod caps;
 pub mod chain;
 pub mod cli;
 pub mod device;
+pub mod inflight;
 pub mod logging;
 pub mod memory;
 pub mod ratelimit;

@@ -5,14 +5,18 @@
 //! (`queue.rs`), which parses it (`request.rs`) and runs it on the queue's executor
 //! (`executor.rs`), then back to the used ring.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::inflight;
 use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -237,6 +241,23 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        inflight::allocate(msg, self.workers.len())
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        // On every connection, before the rings start: each queue recovers from its region on
+        // its first event.
+        let trackers = inflight::map(msg, &file, self.workers.len())?;
+        for (index, tracker) in trackers.into_iter().enumerate() {
+            if let Some(mut worker) = self.worker(index) {
+                worker.set_inflight(tracker);
+            }
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringRwLock;
-use vhost_user_common::chain::ChainBuffers;
-use vhost_user_common::ring::Ring;
+use vhost_user_common::chain::{ChainBuffers, ChainError};
+use vhost_user_common::inflight::{self, QueueTracker};
+use vhost_user_common::ring::{Ring, RingHooks};
 use vhost_user_common::{GuestMemory, GuestMemoryAtomic};
 use vm_memory::GuestAddressSpace;
 
@@ -27,6 +28,9 @@ const POLL_SESSION_MAX: Duration = Duration::from_millis(20);
 /// worker lets its thread's other events (exit) run, and comes back through its own kick.
 const PASSES_PER_EVENT: usize = 64;
 
+/// A queue's ring, with inflight tracking when the frontend set up a region for it.
+type BlkRing = Ring<Option<QueueTracker>>;
+
 /// Per-queue state, touched only by that queue's worker thread (and by GET_VRING_BASE).
 pub struct QueueWorker {
     index: u16,
@@ -35,7 +39,11 @@ pub struct QueueWorker {
     poll: Duration,
     executor: Executor,
     mem: Option<GuestMemoryAtomic>,
-    ring: Option<Ring>,
+    ring: Option<BlkRing>,
+    /// Inflight tracking set up before the ring exists; it goes into the ring's hooks.
+    inflight: Option<QueueTracker>,
+    /// Chains a previous backend left in flight, to execute before anything new.
+    resubmit: Vec<(u16, Result<ChainBuffers, ChainError>)>,
     /// The chain being parsed: reused, so that taking a chain allocates nothing.
     scratch: ChainBuffers,
     completions: Vec<Completion>,
@@ -58,6 +66,8 @@ impl QueueWorker {
             executor,
             mem: None,
             ring: None,
+            inflight: None,
+            resubmit: Vec::new(),
             scratch: ChainBuffers::default(),
             completions: Vec::with_capacity(usize::from(queue_size)),
         }
@@ -72,10 +82,33 @@ impl QueueWorker {
         self.executor.eventfd()
     }
 
+    /// SET_INFLIGHT_FD: this queue's region of the inflight buffer.
+    pub fn set_inflight(&mut self, tracker: QueueTracker) {
+        match self.ring.as_mut() {
+            Some(ring) => *ring.hooks_mut() = Some(tracker),
+            None => self.inflight = Some(tracker),
+        }
+    }
+
     /// The worker's ring, made on the first event for it.
     fn attach(&mut self, vring: &VringRwLock) {
         if self.ring.is_none() {
-            self.ring = Some(Ring::new(vring.clone(), format!("queue {}", self.index)));
+            let label = format!("queue {}", self.index);
+            self.ring = Some(Ring::with_hooks(vring.clone(), label, self.inflight.take()));
+        }
+    }
+
+    /// With inflight tracking, the first event after the ring started finds where the ring
+    /// really is and what a previous backend left in flight (QEMU's SET_VRING_BASE carries a
+    /// rewound guess after a crash).
+    fn recover_inflight(&mut self, ring: &mut BlkRing, mem: &GuestMemory) {
+        if let Some(tracker) = ring.hooks_mut() {
+            if tracker.needs_recovery() {
+                let vring = ring.vring().clone();
+                if let Some(tracker) = ring.hooks_mut() {
+                    self.resubmit = inflight::start_ring(tracker, &vring, mem);
+                }
+            }
         }
     }
 
@@ -93,6 +126,7 @@ impl QueueWorker {
         let started = Instant::now();
         let mut last_work = started;
         let mut passes = 0;
+        self.recover_inflight(&mut ring, &atomic.memory());
         loop {
             let mem: Arc<GuestMemory> = atomic.memory().into_inner();
             if suppress {
@@ -133,34 +167,57 @@ impl QueueWorker {
         self.ring = Some(ring);
     }
 
-    /// Takes every available chain and starts it. Returns how many chains were taken.
-    fn take_available(&mut self, ring: &mut Ring, mem: &Arc<GuestMemory>) -> usize {
-        let max_descriptors = usize::from(ring.size()).max(1);
+    /// Takes every available chain (after those left in flight by a previous backend) and
+    /// starts it. Returns how many chains were taken.
+    fn take_available(&mut self, ring: &mut BlkRing, mem: &Arc<GuestMemory>) -> usize {
         let mut taken = 0;
+        for (head, parsed) in std::mem::take(&mut self.resubmit) {
+            taken += 1;
+            ring.hooks_mut().taken(head);
+            self.start(ring, head, parsed.as_ref(), mem);
+        }
+        let max_descriptors = usize::from(ring.size()).max(1);
+        let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(chain) = ring.try_pop(mem) {
             taken += 1;
             let head = chain.head_index();
-            if let Err(e) = self.scratch.parse_into(chain, mem, max_descriptors) {
+            let parsed = scratch.parse_into(chain, mem, max_descriptors);
+            self.start(ring, head, parsed.as_ref().map(|()| &scratch), mem);
+        }
+        self.scratch = scratch;
+        taken
+    }
+
+    /// Starts the request in chain `head`, or answers it when the chain or request is bad.
+    fn start(
+        &mut self,
+        ring: &BlkRing,
+        head: u16,
+        chain: Result<&ChainBuffers, &ChainError>,
+        mem: &Arc<GuestMemory>,
+    ) {
+        let buffers = match chain {
+            Ok(buffers) => buffers,
+            Err(e) => {
                 ring.guest_error(format_args!("malformed chain {head}: {e}"));
                 self.completions.push(Completion::unanswered(head));
-                continue;
+                return;
             }
-            match request::parse(&self.scratch, mem, &self.limits) {
-                Ok(req) => self
-                    .executor
-                    .start(&self.ctx, head, req, mem, &mut self.completions),
-                Err(rejection) => {
-                    ring.guest_error(format_args!("request {head}: {}", rejection.reason));
-                    self.completions.push(rejection.finish(head, mem));
-                }
+        };
+        match request::parse(buffers, mem, &self.limits) {
+            Ok(req) => self
+                .executor
+                .start(&self.ctx, head, req, mem, &mut self.completions),
+            Err(rejection) => {
+                ring.guest_error(format_args!("request {head}: {}", rejection.reason));
+                self.completions.push(rejection.finish(head, mem));
             }
         }
-        taken
     }
 
     /// Spins until the guest makes a chain available, a request completes, or `deadline`
     /// passes; says whether there is work.
-    fn wait_for_work(&mut self, ring: &Ring, mem: &GuestMemory, deadline: Instant) -> bool {
+    fn wait_for_work(&mut self, ring: &BlkRing, mem: &GuestMemory, deadline: Instant) -> bool {
         loop {
             for _ in 0..64 {
                 if self.executor.has_completions() || ring.has_available(mem) {
@@ -190,8 +247,12 @@ impl QueueWorker {
         self.executor.drain(&self.ctx, &mut self.completions);
         self.complete_now();
         if let Some(ring) = self.ring.as_mut() {
-            // The frontend sets the ring up anew before it is used again.
+            // The frontend sets the ring up anew before it is used again; with inflight
+            // tracking, its next start recovers again (nothing is in flight now).
             ring.reset();
+            if let Some(tracker) = ring.hooks_mut() {
+                tracker.stopped();
+            }
         }
     }
 
@@ -204,7 +265,7 @@ impl QueueWorker {
     }
 
     /// Returns finished chains to the guest: one used-index update, at most one interrupt.
-    fn complete(&mut self, ring: &mut Ring, mem: &GuestMemory) {
+    fn complete(&mut self, ring: &mut BlkRing, mem: &GuestMemory) {
         if self.completions.is_empty() {
             return;
         }
