@@ -8,6 +8,7 @@ pub mod cli;
 pub mod logging;
 pub mod memory;
 pub mod serve;
+pub mod sigbus;
 pub mod signals;
 
 pub use cli::{ListenArgs, ListenConfig, ListenSource};
