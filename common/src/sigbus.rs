@@ -191,13 +191,19 @@ fn watch(read_end: OwnedFd) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         }
-        // One report per connection, however many pages fault.
-        if let Some(connection) = crate::lock(&CONNECTION).take() {
-            log::error!(
-                "the frontend truncated the file behind guest memory (fault at host address \
-                 {:#x}): the lost pages now read as zeros; dropping the connection",
-                FAULT_ADDR.load(Ordering::Acquire)
-            );
+        // The handler wakes us once per connection, however many pages fault.
+        let connection = crate::lock(&CONNECTION).take();
+        log::error!(
+            "the frontend truncated the file behind guest memory (fault at host address {:#x}): \
+             the lost pages now read as zeros; {}",
+            FAULT_ADDR.load(Ordering::Acquire),
+            if connection.is_some() {
+                "dropping the connection"
+            } else {
+                "its connection has ended already"
+            }
+        );
+        if let Some(connection) = connection {
             connection.shutdown();
         }
     }

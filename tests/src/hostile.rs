@@ -468,10 +468,21 @@ pub fn answers_within(socket: &Path, limit: Duration) -> Result<()> {
         })();
         let _ = tx.send(result.map_err(|e| e.to_string()));
     });
+    let start = Instant::now();
     match rx.recv_timeout(limit) {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("a new connection failed: {e}").into()),
-        Err(_) => Err(format!("no answer to a new connection within {limit:?}").into()),
+        // Slow or hung? The answer tells.
+        Err(_) => Err(match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(result) => format!(
+                "no answer to a new connection within {limit:?}; {result:?} after {:?}",
+                start.elapsed()
+            ),
+            Err(_) => {
+                format!("no answer to a new connection within {limit:?}, nor after 20 s more")
+            }
+        }
+        .into()),
     }
 }
 
@@ -494,6 +505,8 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Resul
 pub struct Options {
     /// Rounds to run.
     pub rounds: u32,
+    /// The first round (HOSTILE_FIRST): replays one failing round of a seed.
+    pub first: u32,
     pub seed: u64,
     /// Let garbage rings publish an available index more than the queue size ahead, and let
     /// shrinking memory take the rings (issue 13, bug 1: blk and net spin on it until the ring
@@ -502,7 +515,7 @@ pub struct Options {
 }
 
 impl Options {
-    /// From HOSTILE_SEED and HOSTILE_ROUNDS, with `rounds` by default and a seed from the clock
+    /// From HOSTILE_SEED, HOSTILE_ROUNDS and HOSTILE_FIRST, with `rounds` by default and a seed from the clock
     /// (printed, so a failure can be replayed).
     pub fn from_env(rounds: u32) -> Options {
         let seed = std::env::var("HOSTILE_SEED")
@@ -518,8 +531,13 @@ impl Options {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(rounds);
+        let first = std::env::var("HOSTILE_FIRST")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         Options {
             rounds,
+            first,
             seed,
             avail_far_ahead: true,
         }
@@ -573,7 +591,7 @@ impl<'a> Attacker<'a> {
             "hostile {:?}: HOSTILE_SEED={} HOSTILE_ROUNDS={}",
             self.target.kind, self.options.seed, self.options.rounds
         );
-        for round in 0..self.options.rounds {
+        for round in self.options.first..self.options.rounds {
             let seed = self.options.seed ^ (u64::from(round) << 32) ^ u64::from(round);
             let mut rng = StdRng::seed_from_u64(seed);
             let attack = match rng.gen_range(0..4) {
@@ -587,8 +605,11 @@ impl<'a> Attacker<'a> {
             let _ = self.attack(attack, &mut rng);
             self.check().map_err(|e| {
                 format!(
-                    "{:?}, HOSTILE_SEED={} round {round} ({attack:?}): {e}",
-                    self.target.kind, self.options.seed
+                    "{:?}, HOSTILE_SEED={} round {round} ({attack:?}): {e}\nthe daemon's log \
+                     ends:\n{}",
+                    self.target.kind,
+                    self.options.seed,
+                    tail(&self.target.daemon.log_text())
                 )
             })?;
         }
