@@ -661,7 +661,7 @@ impl<'a> Attacker<'a> {
         let ram = memfd(if rng.gen_bool(0.5) { RAM } else { 4096 })?;
         let count = rng.gen_range(1..40);
         for _ in 0..count {
-            let msg = Message::random(rng, disorder, &ram)?;
+            let msg = Message::random(rng, disorder, self.options.avail_far_ahead, &ram)?;
             if send_message(&conn, &msg).is_err() {
                 break;
             }
@@ -716,16 +716,19 @@ impl<'a> Attacker<'a> {
                     };
                     vmm.ram.write(avail + 4 + 2 * slot, &head.to_le_bytes())?;
                 }
-                let current = u16::from_le_bytes(
-                    vmm.ram
-                        .read(avail + 2, 2)?
-                        .try_into()
-                        .map_err(|_| "short read")?,
-                );
+                let word = |at: u64| -> Result<u16> {
+                    let raw = vmm.ram.read(at, 2)?;
+                    Ok(u16::from_le_bytes([raw[0], raw[1]]))
+                };
+                let current = word(avail + 2)?;
                 let ahead = if self.options.avail_far_ahead && rng.gen_bool(0.3) {
                     rng.gen()
                 } else {
-                    rng.gen_range(0..=size as u16)
+                    // Forward only, and never more than the queue size beyond the used index:
+                    // then never more than that beyond the device's next index either.
+                    let used = word(vmm.queues[q].used + 2)?;
+                    let room = (size as u16).saturating_sub(current.wrapping_sub(used));
+                    rng.gen_range(0..=room)
                 };
                 vmm.ram
                     .write(avail + 2, &current.wrapping_add(ahead).to_le_bytes())?;
@@ -829,7 +832,12 @@ const REQUESTS: &[(FrontendReq, usize)] = &[
 ];
 
 impl Message {
-    fn random(rng: &mut StdRng, disorder: bool, ram: &std::fs::File) -> Result<Message> {
+    fn random(
+        rng: &mut StdRng,
+        disorder: bool,
+        far_ahead: bool,
+        ram: &std::fs::File,
+    ) -> Result<Message> {
         let (request, expected) = if !disorder && rng.gen_bool(0.1) {
             (rng.gen_range(0..64), rng.gen_range(0..64))
         } else {
@@ -844,7 +852,7 @@ impl Message {
             flags = rng.gen();
         }
         let mut payload = vec![0u8; expected];
-        self::fill_payload(rng, request, &mut payload, ram);
+        fill_payload(rng, request, &mut payload, far_ahead, ram);
         let mut size = payload.len() as u32;
         if !disorder && rng.gen_bool(0.2) {
             size = match rng.gen_range(0..3) {
@@ -891,7 +899,15 @@ impl Message {
 }
 
 /// Plausible payloads: a vring index, a size, addresses inside or outside `ram`, features.
-fn fill_payload(rng: &mut StdRng, request: u32, payload: &mut [u8], ram: &std::fs::File) {
+/// Without `far_ahead`, rings start at index 0 (their memory reads zeros): a random base would
+/// be an available index far ahead (bug 1).
+fn fill_payload(
+    rng: &mut StdRng,
+    request: u32,
+    payload: &mut [u8],
+    far_ahead: bool,
+    ram: &std::fs::File,
+) {
     rng.fill(payload);
     let ram_len = ram.metadata().map(|m| m.len()).unwrap_or(0);
     let index = if rng.gen_bool(0.7) {
@@ -917,6 +933,8 @@ fn fill_payload(rng: &mut StdRng, request: u32, payload: &mut [u8], ram: &std::f
             payload[..4].copy_from_slice(&index.to_le_bytes());
             let value = if request == FrontendReq::SET_VRING_ENABLE as u32 {
                 rng.gen_range(0u32..3)
+            } else if request == FrontendReq::SET_VRING_BASE as u32 && !far_ahead {
+                0
             } else {
                 small(rng)
             };
