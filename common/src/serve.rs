@@ -240,6 +240,7 @@ where
     B::Vring: Clone + Send + Sync,
     F: FnMut() -> io::Result<B>,
 {
+    crate::sigbus::arm();
     notify_ready();
     loop {
         let backend = Arc::new(new_backend().map_err(ServeError::Backend)?);

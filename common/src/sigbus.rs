@@ -61,6 +61,12 @@ static GENERATION: Mutex<u64> = Mutex::new(0);
 static CONNECTION: Mutex<Option<ShutdownHandle>> = Mutex::new(None);
 static INSTALL: Once = Once::new();
 
+/// Installs the SIGBUS handler and its watcher thread now (else on the first `guard`): before
+/// a seccomp filter or a sandbox could forbid `sigaction`, `pipe2` or a new thread.
+pub fn arm() {
+    INSTALL.call_once(install);
+}
+
 /// Records the file-backed regions of `mem` (a table that passed `check_backing`) so that a
 /// later truncation of their files is survived; forgets regions of older tables.
 pub fn guard(mem: &GuestMemory) {
