@@ -14,6 +14,7 @@ pub mod memory;
 pub mod ratelimit;
 pub mod ring;
 pub mod serve;
+pub mod sigbus;
 pub mod signals;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

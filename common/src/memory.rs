@@ -2,6 +2,7 @@
 //!
 //! mmap happily maps a file range that extends past the end of the file; touching those pages
 //! later kills the daemon with SIGBUS. A hostile or buggy frontend must get an error instead.
+//! A file that shrinks after the check is survived by [`crate::sigbus`].
 
 use std::io;
 
@@ -9,7 +10,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::GuestMemory;
 
-/// Verifies that every file-backed region lies within its file.
+/// Verifies that every file-backed region lies within its file, then guards the regions
+/// against a later truncation of their files (see [`crate::sigbus`]).
 pub fn check_backing(mem: &GuestMemory) -> io::Result<()> {
     for region in mem.iter() {
         let Some(file_offset) = region.file_offset() else {
@@ -33,6 +35,7 @@ pub fn check_backing(mem: &GuestMemory) -> io::Result<()> {
             }
         }
     }
+    crate::sigbus::guard(mem);
     Ok(())
 }
 

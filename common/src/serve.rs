@@ -240,6 +240,7 @@ where
     B::Vring: Clone + Send + Sync,
     F: FnMut() -> io::Result<B>,
 {
+    crate::sigbus::arm();
     notify_ready();
     loop {
         let backend = new_backend().map_err(ServeError::Backend)?;
@@ -266,10 +267,13 @@ where
         .start(&mut listener.listener)
         .map_err(|e| ServeError::Accept(e.to_string()))?;
     log::info!("frontend connected");
+    // A frontend that truncates guest memory under us loses this connection.
+    crate::sigbus::set_connection(daemon.shutdown_handle());
     match daemon.wait() {
         Ok(()) => log::info!("frontend disconnected"),
         Err(e) => log::warn!("frontend connection ended: {e}"),
     }
+    crate::sigbus::set_connection(None);
     for handler in &handlers {
         handler.send_exit_event();
     }

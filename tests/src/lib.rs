@@ -18,6 +18,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod guest;
+pub mod hostile;
 pub mod netns;
 pub mod qemu;
 
@@ -194,7 +195,7 @@ pub struct GuestRam {
 }
 
 /// Where data buffers start; rings live below.
-const DATA_START: u64 = 16 << 20;
+pub const DATA_START: u64 = 16 << 20;
 /// Space reserved for each queue's rings.
 const RING_STRIDE: u64 = 0x1_0000;
 

@@ -153,6 +153,18 @@ fn units_declare_activation_notify_and_hardening() -> Result<()> {
             families,
             "{name}@.service: RestrictAddressFamilies"
         );
+        // Room for the largest configuration (the unit's comment counts it), which systemd's
+        // default of 1024 does not give blk or console.
+        let need = match daemon {
+            "net" => 620,
+            "console" => 1300,
+            _ => 1560,
+        };
+        let nofile: u64 = one(&service, "LimitNOFILE").parse()?;
+        assert!(
+            (need..=65536).contains(&nofile),
+            "{name}@.service: LimitNOFILE={nofile}, needs at least {need}"
+        );
 
         // The example instance configuration sets ARGS and leaves the socket to the .socket unit.
         let example = dist().join(format!("systemd/examples/{daemon}.conf"));

@@ -32,7 +32,8 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestRegionMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -192,6 +193,17 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
         }
 
         Err(VhostUserHandlerError::MissingMemoryMapping)
+    }
+
+    // Publishes `mem` to the vrings only once the backend has accepted it. A table the backend
+    // rejects (say, a region past the end of its file: touching it raises SIGBUS) must never be
+    // visible to a worker thread; on error the old memory stays in use.
+    fn install_memory(&mut self, mem: GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
+        self.backend
+            .update_memory(GuestMemoryAtomic::new(mem.clone()))
+            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.atomic_mem.lock().unwrap().replace(mem);
+        Ok(())
     }
 
     // Register a region mapped while postcopy is listening with userfaultfd.
@@ -424,11 +436,7 @@ where
 
         // Updating the inner GuestMemory object here will cause all our vrings to
         // see the new one the next time they call to `atomic_mem.memory()`.
-        self.atomic_mem.lock().unwrap().replace(mem);
-
-        self.backend
-            .update_memory(self.atomic_mem.clone())
-            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.install_memory(mem)?;
         self.mappings = mappings;
 
         Ok(None)
@@ -743,11 +751,7 @@ where
             .insert_region(guest_region)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
 
-        self.atomic_mem.lock().unwrap().replace(mem);
-
-        self.backend
-            .update_memory(self.atomic_mem.clone())
-            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.install_memory(mem)?;
 
         self.mappings.push(addr_mapping);
 
@@ -772,11 +776,7 @@ where
             .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
 
-        self.atomic_mem.lock().unwrap().replace(mem);
-
-        self.backend
-            .update_memory(self.atomic_mem.clone())
-            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.install_memory(mem)?;
 
         self.mappings
             .retain(|mapping| mapping.gpa_base != region.guest_phys_addr);
