@@ -29,6 +29,10 @@ pub enum RunError {
 /// Binds the vhost-user socket, opens the ports' endpoints and serves frontends until a
 /// signal ends the process.
 pub fn run(config: Config) -> Result<(), RunError> {
+    // The log files get their mode and group before the ports open them for appending.
+    for log in config.ports.iter().filter_map(|p| p.log.as_deref()) {
+        endpoint::prepare_log(log, config.log_access).map_err(RunError::Endpoint)?;
+    }
     // Endpoints first: once the vhost-user socket exists, the console is ready to attach.
     let host = Host::open(&config).map_err(RunError::Endpoint)?;
     let cleanup = host.cleanup_paths();

@@ -23,11 +23,11 @@ fn main() {
     }
     vhost_user_common::logging::init(args.listen.log_level);
     let config = Config::try_from(args).unwrap_or_else(|e| {
-        eprintln!("vhost-user-console: {e}");
+        vhost_user_common::logging::fatal("vhost-user-console", &e);
         std::process::exit(1);
     });
     if let Err(e) = vhost_user_console::run(config) {
-        log::error!("{e}");
+        vhost_user_common::logging::fatal("vhost-user-console", &e);
         std::process::exit(1);
     }
 }
