@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod guest;
 pub mod netns;
 pub mod qemu;
+pub mod systemd_guest;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
