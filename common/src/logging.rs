@@ -82,7 +82,8 @@ pub fn stderr_is_journal() -> bool {
 pub fn fatal(program: &str, error: &dyn Display) {
     let message = error.to_string();
     let hint = if std::env::var_os("INVOCATION_ID").is_some() {
-        sandbox_hint(&message, systemd_unit().as_deref())
+        let unit = systemd_unit().unwrap_or_else(|| format!("{program}@NAME"));
+        sandbox_hint(&message, &unit)
     } else {
         None
     };
@@ -111,13 +112,12 @@ fn unit_from_cgroup(cgroup: &str) -> Option<String> {
 
 /// What to do about an EACCES or EROFS under the units' sandbox: the service runs as the
 /// `vhost-user` user and writes only under its `ReadWritePaths=`.
-fn sandbox_hint(message: &str, unit: Option<&str>) -> Option<String> {
+fn sandbox_hint(message: &str, unit: &str) -> Option<String> {
     let denied = message.contains("(os error 13)");
     let read_only = message.contains("(os error 30)");
     if !denied && !read_only {
         return None;
     }
-    let unit = unit.unwrap_or("the unit");
     let edit = format!("`systemctl edit {unit}`");
     Some(if read_only {
         format!(
@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn hints_only_for_permission_and_read_only_errors() {
-        let unit = Some("vhost-user-blk@d0.service");
+        let unit = "vhost-user-blk@d0.service";
         let rofs = sandbox_hint(
             "--file /srv/x.img: Read-only file system (os error 30)",
             unit,

@@ -268,7 +268,8 @@ impl SystemdGuest {
 /// An ext4 image of `dir` at `out` (the guest mounts it read-only at /test).
 pub fn make_payload(dir: &Path, out: &Path) -> Result<()> {
     let _ = fs::remove_file(out);
-    let mkfs = find_program("mkfs.ext4").ok_or("mkfs.ext4 is missing (apt-get install e2fsprogs)")?;
+    let mkfs =
+        find_program("mkfs.ext4").ok_or("mkfs.ext4 is missing (apt-get install e2fsprogs)")?;
     run(
         &mkfs.to_string_lossy(),
         &[
@@ -297,7 +298,10 @@ fn kernel(cache: &Path) -> Result<PathBuf> {
     if dir.join("vmlinuz").exists() {
         return Ok(dir);
     }
-    eprintln!("systemd guest: downloading {package} {version} (once; cached in {})", cache.display());
+    eprintln!(
+        "systemd guest: downloading {package} {version} (once; cached in {})",
+        cache.display()
+    );
     let tmp = tempfile::Builder::new()
         .prefix(".kernel-")
         .tempdir_in(cache)?;
@@ -392,12 +396,15 @@ fn root_image(cache: &Path) -> Result<PathBuf> {
     }
     let debootstrap = find_program("debootstrap")
         .ok_or("debootstrap is not installed (apt-get install debootstrap, or run .ci/run)")?;
-    let mkfs = find_program("mkfs.ext4").ok_or("mkfs.ext4 is missing (apt-get install e2fsprogs)")?;
+    let mkfs =
+        find_program("mkfs.ext4").ok_or("mkfs.ext4 is missing (apt-get install e2fsprogs)")?;
     eprintln!(
         "systemd guest: debootstrap {SUITE} from {mirror} (about a minute, once; cached in {})",
         cache.display()
     );
-    let tmp = tempfile::Builder::new().prefix(".root-").tempdir_in(cache)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".root-")
+        .tempdir_in(cache)?;
     let root = tmp.path().join("root");
     let include = format!("--include={PACKAGES}");
     run(

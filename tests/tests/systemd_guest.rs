@@ -22,7 +22,7 @@ use vhost_user_tests::systemd_guest::{cache_dir, make_payload, SystemdGuest};
 use vhost_user_tests::Result;
 
 const SCRIPT: &str = include_str!("systemd_guest.sh");
-const TIMEOUT: Duration = Duration::from_secs(420);
+const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The .deb `cargo xtask deb` built: `<target>/debian/vhost-user-daemons_*.deb`.
 fn deb() -> Result<PathBuf> {
@@ -159,8 +159,8 @@ fn the_package_under_systemd() {
     };
     let result = (|| -> Result<GuestOutput> {
         require_root("the systemd guest test")?;
-        let deb = deb()?;
         let guest = SystemdGuest::build(&cache_dir())?;
+        let deb = deb()?;
         let payload_dir = tempfile::tempdir()?;
         fs::write(payload_dir.path().join("run.sh"), SCRIPT)?;
         fs::copy(&deb, payload_dir.path().join("vhost-user-daemons.deb"))?;
@@ -174,10 +174,7 @@ fn the_package_under_systemd() {
         let _ = fs::remove_file(&payload);
         Ok(GuestOutput::parse(&serial?))
     })();
-    eprintln!(
-        "systemd guest: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("systemd guest: {:.1} s", started.elapsed().as_secs_f64());
     let out = match result {
         Ok(out) => out,
         Err(e) => panic!("systemd guest failed: {e}\n{}", logs.report()),

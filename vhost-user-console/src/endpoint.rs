@@ -65,9 +65,9 @@ pub fn prepare_log(path: &Path, access: FileAccess) -> io::Result<()> {
         .append(true)
         .mode(access.mode)
         .open(path)
-        .map_err(|e| context(e))?;
+        .map_err(&context)?;
     file.set_permissions(std::fs::Permissions::from_mode(access.mode))
-        .map_err(|e| context(e))?;
+        .map_err(&context)?;
     if let Some(gid) = access.gid {
         nix::unistd::fchown(
             file.as_raw_fd(),

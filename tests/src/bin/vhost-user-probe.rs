@@ -40,7 +40,11 @@ fn request(vmm: &mut TestVmm, kind: u32, sector: u64, data: u64) -> Result<u8> {
     let (ram, q) = vmm.queue(0);
     q.submit(
         ram,
-        &[Buf::readable(header, 16), data_buf, Buf::writable(status, 1)],
+        &[
+            Buf::readable(header, 16),
+            data_buf,
+            Buf::writable(status, 1),
+        ],
     )?;
     q.wait_used(ram, 1, WAIT)?;
     Ok(vmm.ram.read(status, 1)?[0])
@@ -77,7 +81,7 @@ fn connect(socket: &str) -> Result<()> {
 
 fn config_oob(socket: &str) -> Result<()> {
     let mut vmm = TestVmm::connect_unstarted(socket.as_ref(), RAM, 1, Negotiate::default())?;
-    match vmm.get_config(4096, 8) {
+    match vmm.get_config(1024, 8) {
         Ok(bytes) => println!("config={bytes:?}"),
         Err(e) => println!("refused={e}"),
     }
@@ -96,8 +100,11 @@ fn main() -> ExitCode {
             (Ok(sector), Ok(byte)) => blk(socket, sector, byte),
             _ => Err("SECTOR and BYTE are numbers".into()),
         },
-        _ => Err("usage: vhost-user-probe connect SOCKET | blk SOCKET SECTOR BYTE | config-oob SOCKET \
-             | unix-connect PATH".into()),
+        _ => Err(
+            "usage: vhost-user-probe connect SOCKET | blk SOCKET SECTOR BYTE | config-oob SOCKET \
+             | unix-connect PATH"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
