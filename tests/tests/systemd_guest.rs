@@ -72,6 +72,7 @@ fn expected() -> BTreeMap<&'static str, &'static str> {
         "blk_reactivated",
         "console_start",
         "console_vhost_user",
+        "console_operator",
         "console_operator_connects",
         "console_operator_reads_log",
         "console_nobody_connects",
@@ -126,8 +127,16 @@ fn check(out: &GuestOutput) -> Vec<String> {
         }
     }
     // Priorities: the warning at 4, info at 6; the fatal line at 3 (err) with its fix.
-    for key in ["blk_warn_priority", "blk_info_priority"] {
-        if !out.get_u64(key).is_ok_and(|n| n >= 1) {
+    // bad_attempts: several connections each started (and failed) the bad instance, and
+    // its socket was still there for the next one.
+    for (key, least) in [
+        ("blk_warn_priority", 1),
+        ("blk_info_priority", 1),
+        ("bad_attempts", 2),
+        // The enabled d0, c0, n0 and bad sockets: what purge has to remove.
+        ("links_before_purge", 4),
+    ] {
+        if !out.get_u64(key).is_ok_and(|n| n >= least) {
             failures.push(format!("{key}: {:?}", out.get(key).ok()));
         }
     }

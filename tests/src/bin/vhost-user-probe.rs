@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use vhost_user_tests::{Buf, Negotiate, Result, TestVmm};
 
-const RAM: u64 = 4 << 20;
+const RAM: u64 = 64 << 20;
 const WAIT: Duration = Duration::from_secs(30);
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
