@@ -73,7 +73,8 @@ pub struct ListenConfig {
     pub source: ListenSource,
 }
 
-fn parse_mode(text: &str) -> Result<u32, CliError> {
+/// Parses a file mode in octal (`0660`, `660`, `0o660`), at most 0777.
+pub fn parse_mode(text: &str) -> Result<u32, CliError> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
     match u32::from_str_radix(digits, 8) {
         Ok(mode) if mode <= 0o777 => Ok(mode),
@@ -81,7 +82,8 @@ fn parse_mode(text: &str) -> Result<u32, CliError> {
     }
 }
 
-fn lookup_group(name: &str) -> Result<u32, CliError> {
+/// A group by name or number.
+pub fn lookup_group(name: &str) -> Result<u32, CliError> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
     }

@@ -98,6 +98,20 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
 
 fn bind_path(path: &Path, mode: u32, gid: Option<u32>) -> Result<BoundListener, ServeError> {
     remove_stale_socket(path)?;
+    let listener = bind_with_mode(path, mode, gid)?;
+    Ok(BoundListener {
+        listener: Listener::from(listener),
+        created_path: Some(path.to_owned()),
+    })
+}
+
+/// Binds a UNIX socket at `path` (which must not exist) with permissions `mode` and, when
+/// given, group `gid`. Also used for the other sockets a daemon offers (console endpoints).
+pub fn bind_with_mode(
+    path: &Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<UnixListener, ServeError> {
     // The umask makes the socket appear with at most `mode`: there is no moment in which a
     // wider mode would let someone else connect.
     let previous = umask(Mode::from_bits_truncate(!mode & 0o777));
@@ -117,10 +131,7 @@ fn bind_path(path: &Path, mode: u32, gid: Option<u32>) -> Result<BoundListener, 
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| permissions_error(e.into()))?;
     }
-    Ok(BoundListener {
-        listener: Listener::from(listener),
-        created_path: Some(path.to_owned()),
-    })
+    Ok(listener)
 }
 
 fn adopt_fd(fd: RawFd) -> Result<BoundListener, ServeError> {

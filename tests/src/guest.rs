@@ -148,10 +148,10 @@ pub fn build(cache: &Path) -> Result<Guest> {
 }
 
 /// An exclusive `flock` on a file, released on drop.
-struct Lock(File);
+pub(crate) struct Lock(File);
 
 impl Lock {
-    fn take(path: &Path) -> Result<Lock> {
+    pub(crate) fn take(path: &Path) -> Result<Lock> {
         let file = File::create(path)?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -169,7 +169,7 @@ impl Drop for Lock {
 }
 
 /// Runs a command and returns its stdout; the error names the command and quotes stderr.
-fn run(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<String> {
+pub(crate) fn run(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<String> {
     let mut command = Command::new(program);
     command.args(args);
     if let Some(cwd) = cwd {
@@ -187,7 +187,7 @@ struct Kernel {
 }
 
 /// The versioned kernel package `linux-image-amd64` currently points to, and its version.
-fn resolve_kernel_package() -> Result<(String, String)> {
+pub(crate) fn resolve_kernel_package() -> Result<(String, String)> {
     let hint = "is the apt index there? run `apt-get update` (or .ci/run)";
     let deps = run("apt-cache", &["depends", "linux-image-amd64"], None)
         .map_err(|e| format!("{e} ({hint})"))?;
@@ -211,7 +211,7 @@ fn resolve_kernel_package() -> Result<(String, String)> {
     Ok((package, version))
 }
 
-fn sanitize(text: &str) -> String {
+pub(crate) fn sanitize(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._+-".contains(c) {
@@ -364,7 +364,7 @@ fn load_kernel(dir: &Path) -> Result<Kernel> {
 }
 
 /// `dpkg-deb --fsys-tarfile DEB | tar -x -C DIR --wildcards PATTERNS...`
-fn extract_deb(deb: &Path, dir: &Path, patterns: &[String]) -> Result<()> {
+pub(crate) fn extract_deb(deb: &Path, dir: &Path, patterns: &[String]) -> Result<()> {
     let mut dpkg = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(deb)
@@ -396,7 +396,7 @@ fn extract_deb(deb: &Path, dir: &Path, patterns: &[String]) -> Result<()> {
 }
 
 /// Copies a module, decompressing `.ko.xz` / `.ko.zst` / `.ko.gz` (busybox's insmod may not).
-fn decompress_module(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn decompress_module(from: &Path, to: &Path) -> Result<()> {
     let name = from.to_string_lossy();
     let tool = if name.ends_with(".xz") {
         Some("xz")
@@ -446,7 +446,7 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> io::Result<()> {
 }
 
 /// Renames a freshly built `from` to `to`; if another builder got there first, keeps theirs.
-fn rename_into_place(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn rename_into_place(from: &Path, to: &Path) -> Result<()> {
     match fs::rename(from, to) {
         Ok(()) => Ok(()),
         Err(_) if to.exists() => Ok(()),

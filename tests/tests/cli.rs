@@ -156,3 +156,38 @@ fn blk_serves_an_inherited_listening_socket() -> Result<()> {
     assert!(vmm.offered_features & vhost_user_tests::VIRTIO_F_VERSION_1 != 0);
     Ok(())
 }
+
+/// Under journald (`JOURNAL_STREAM` names stderr), the fatal line carries priority 3 (err);
+/// on any other stderr it is unchanged.
+#[test]
+fn fatal_line_has_the_err_priority_only_under_journald() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("s.sock");
+    let missing = dir.path().join("missing.img");
+    let args = [
+        "--file",
+        missing.to_str().unwrap_or_default(),
+        "--socket-path",
+        sock.to_str().unwrap_or_default(),
+    ];
+    let stderr = dir.path().join("stderr");
+    let file = std::fs::File::create(&stderr)?;
+    let meta = file.metadata()?;
+    let status = std::process::Command::new(vhost_user_tests::binary("vhost-user-blk"))
+        .args(args)
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .status()?;
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&stderr)?;
+    assert!(
+        text.starts_with("<3>vhost-user-blk: error: ") && text.contains("missing.img"),
+        "{text:?}"
+    );
+    // Any other stderr (a pipe here, whatever JOURNAL_STREAM says): no prefix.
+    let (code, _, err) = run_to_exit("vhost-user-blk", &args)?;
+    assert_ne!(code, 0);
+    assert!(err.starts_with("vhost-user-blk: error: "), "{err:?}");
+    Ok(())
+}

@@ -101,6 +101,10 @@ fn expected_entries() -> BTreeMap<String, &'static str> {
         }
         entries.insert(format!("/etc/vhost-user/{short}/"), "drwxr-xr-x");
     }
+    entries.insert(
+        "/usr/lib/sysusers.d/vhost-user-daemons.conf".to_string(),
+        "-rw-r--r--",
+    );
     for file in ["copyright", "changelog.Debian.gz"] {
         entries.insert(format!("{doc}/{file}"), "-rw-r--r--");
     }
@@ -290,6 +294,25 @@ fn deb_control_fields_and_maintainer_scripts() -> Result<()> {
             assert!(!line.contains("deb-systemd-"), "{script}: {line}");
         }
     }
+    // The user and group the units name are the package's to create; the enabled instances'
+    // links are its to remove on purge.
+    let postinst = std::fs::read_to_string(control.join("postinst"))?;
+    assert!(
+        postinst.contains("systemd-sysusers vhost-user-daemons.conf")
+            && postinst.contains("groupadd --system kvm")
+            && postinst.contains("useradd --system"),
+        "postinst does not create the kvm group and the vhost-user user:\n{postinst}"
+    );
+    let postrm = std::fs::read_to_string(control.join("postrm"))?;
+    let purge = postrm
+        .split("if [ \"$1\" = purge ]; then")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        purge.contains("/etc/systemd/system/*.wants/vhost-user-blk@*")
+            && purge.contains("rm -f \"$link\""),
+        "postrm does not remove the enablement links on purge:\n{postrm}"
+    );
     Ok(())
 }
 
@@ -430,6 +453,17 @@ fn deb_installs_runs_and_purges() -> Result<()> {
         );
     }
 
+    // postinst made the group the sockets are given to and the user the daemons run as.
+    for (database, key) in [("group", "kvm"), ("passwd", "vhost-user")] {
+        run(Command::new("getent").args([database, key]))?;
+    }
+    // An instance the administrator enabled, as `systemctl enable` would link it.
+    let wants = Path::new("/etc/systemd/system/sockets.target.wants");
+    let link = wants.join("vhost-user-blk@deb-test.socket");
+    std::fs::create_dir_all(wants)?;
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/lib/systemd/system/vhost-user-blk@.socket", &link)?;
+
     let listed = run(Command::new("dpkg").args(["--listfiles", PACKAGE]))?;
     for path in expected_entries().keys() {
         assert!(
@@ -439,6 +473,11 @@ fn deb_installs_runs_and_purges() -> Result<()> {
     }
 
     drop(guard);
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "{} left dangling after dpkg --purge",
+        link.display()
+    );
     for daemon in &xtask::DAEMONS {
         for path in [
             format!("/usr/bin/{}", daemon.name),

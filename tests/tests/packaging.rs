@@ -116,6 +116,9 @@ fn units_declare_activation_notify_and_hardening() -> Result<()> {
         );
         assert_eq!(one(&socket, "SocketMode"), "0660");
         assert_eq!(one(&socket, "Accept"), "no");
+        assert_eq!(one(&socket, "SocketGroup"), "kvm");
+        // A failing daemon must not be retriggered at once by the client that started it.
+        assert_eq!(one(&socket, "FlushPending"), "yes");
 
         let service = unit_settings(&dir.join(format!("{name}@.service")))?;
         let expected = [
@@ -133,16 +136,60 @@ fn units_declare_activation_notify_and_hardening() -> Result<()> {
             ("LockPersonality", "yes".to_string()),
             ("MemoryDenyWriteExecute", "yes".to_string()),
             ("SystemCallArchitectures", "native".to_string()),
-            ("AmbientCapabilities", String::new()),
+            // Set-up errors (1) and bad arguments (2) are not retried; the start limit is
+            // above the rate of QEMU's reconnects, so the socket survives a bad instance.
+            ("RestartPreventExitStatus", "1 2".to_string()),
+            ("RestartSec", "1s".to_string()),
+            ("StartLimitIntervalSec", "10s".to_string()),
+            ("StartLimitBurst", "30".to_string()),
+            // ProtectSystem=strict leaves /run writable next to ProtectKernelTunables.
+            ("ReadOnlyPaths", "/run".to_string()),
+            ("User", "vhost-user".to_string()),
+            ("UMask", "0077".to_string()),
+            ("ProtectProc", "invisible".to_string()),
+            ("ProcSubset", "pid".to_string()),
+            ("IPAddressDeny", "any".to_string()),
+            ("PrivateIPC", "yes".to_string()),
+            ("SystemCallErrorNumber", "EPERM".to_string()),
         ];
         for (key, value) in expected {
             assert_eq!(one(&service, key), value, "{name}@.service: {key}");
         }
-        let (capabilities, families) = match daemon {
-            "net" => ("CAP_NET_ADMIN", "AF_UNIX AF_INET"),
-            "console" => ("", "AF_UNIX AF_INET AF_INET6"),
-            _ => ("", "AF_UNIX"),
+        let filters = service.get("SystemCallFilter").cloned().unwrap_or_default();
+        assert!(
+            filters
+                .first()
+                .is_some_and(|f| f.starts_with("@system-service"))
+                && filters.iter().any(|f| f == "~@privileged @resources"),
+            "{name}@.service: SystemCallFilter {filters:?}"
+        );
+        let (capabilities, families, ambient, group) = match daemon {
+            "net" => (
+                "CAP_NET_ADMIN",
+                "AF_UNIX AF_INET",
+                "CAP_NET_ADMIN",
+                "vhost-user",
+            ),
+            "console" => ("", "AF_UNIX AF_INET AF_INET6", "", "kvm"),
+            _ => ("", "AF_UNIX", "", "vhost-user"),
         };
+        assert_eq!(one(&service, "AmbientCapabilities"), ambient, "{name}");
+        assert_eq!(one(&service, "Group"), group, "{name}");
+        match daemon {
+            "blk" => {
+                assert_eq!(one(&service, "PrivateNetwork"), "yes");
+                assert_eq!(one(&service, "ReadWritePaths"), "-/var/lib/vhost-user");
+                for call in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
+                    assert!(filters[0].contains(call), "blk: {call} not allowed");
+                }
+            }
+            "console" => {
+                assert_eq!(one(&service, "RuntimeDirectory"), "vhost-user/console/%i");
+                assert_eq!(one(&service, "LogsDirectory"), "vhost-user");
+                assert_eq!(one(&service, "IPAddressAllow"), "localhost");
+            }
+            _ => assert_eq!(one(&service, "DeviceAllow"), "/dev/net/tun rw"),
+        }
         assert_eq!(
             one(&service, "CapabilityBoundingSet"),
             capabilities,

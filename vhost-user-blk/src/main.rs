@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vhost-user-blk: error: {e}");
+            vhost_user_common::logging::fatal("vhost-user-blk", &e);
             ExitCode::FAILURE
         }
     }

@@ -4,10 +4,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
-use vhost_user_common::cli::CliError;
+use vhost_user_common::cli::{lookup_group, parse_mode, CliError};
 use vhost_user_common::{ListenArgs, ListenConfig};
 
-use crate::endpoint::EndpointSpec;
+use crate::endpoint::{EndpointSpec, FileAccess};
 
 /// Most ports a device offers (port 0 included): queue indices must fit a 64-bit thread mask.
 pub const MAX_PORTS: usize = 31;
@@ -46,6 +46,22 @@ pub struct Args {
     #[arg(long, value_name = "KIB", default_value_t = 64)]
     pub history: usize,
 
+    /// Permissions of the UNIX endpoints' socket files, in octal [default: 0660].
+    #[arg(long, value_name = "MODE")]
+    pub endpoint_mode: Option<String>,
+
+    /// Group owning the UNIX endpoints' socket files [default: the daemon's group].
+    #[arg(long, value_name = "GROUP")]
+    pub endpoint_group: Option<String>,
+
+    /// Permissions of the --log files, in octal [default: 0640].
+    #[arg(long, value_name = "MODE")]
+    pub log_mode: Option<String>,
+
+    /// Group owning the --log files [default: the daemon's group].
+    #[arg(long, value_name = "GROUP")]
+    pub log_group: Option<String>,
+
     /// Add a named port: name=NAME,(unix=PATH|tcp=[ADDR:]PORT|pty[=LINK])[,log=FILE].
     /// Repeatable; ports appear in the guest as /dev/vport0p1, /dev/vport0p2, ...
     #[arg(long = "port", value_name = "SPEC")]
@@ -68,6 +84,8 @@ pub struct Config {
     pub ports: Vec<PortConfig>,
     /// History kept per port, in bytes.
     pub history: usize,
+    /// Mode and group of the log files.
+    pub log_access: FileAccess,
 }
 
 /// Why the flags were refused.
@@ -89,6 +107,34 @@ pub enum ConfigError {
     TooManyPorts,
     #[error("--history {0}: too large (at most 16384 KiB)")]
     HistoryTooLarge(usize),
+    #[error("{flag} {text:?}: not an octal mode such as 0660")]
+    BadMode { flag: &'static str, text: String },
+    #[error("{flag} {text:?}: no such group on this system (check /etc/group)")]
+    NoSuchGroup { flag: &'static str, text: String },
+}
+
+/// `--X-mode` and `--X-group` into a [`FileAccess`].
+fn file_access(
+    mode: Option<&str>,
+    group: Option<&str>,
+    default: FileAccess,
+    flags: (&'static str, &'static str),
+) -> Result<FileAccess, ConfigError> {
+    let mode = match mode {
+        Some(text) => parse_mode(text).map_err(|_| ConfigError::BadMode {
+            flag: flags.0,
+            text: text.to_string(),
+        })?,
+        None => default.mode,
+    };
+    let gid = match group {
+        Some(text) => Some(lookup_group(text).map_err(|_| ConfigError::NoSuchGroup {
+            flag: flags.1,
+            text: text.to_string(),
+        })?),
+        None => default.gid,
+    };
+    Ok(FileAccess { mode, gid })
 }
 
 fn parse_tcp(text: &str) -> Result<SocketAddr, ConfigError> {
@@ -101,7 +147,7 @@ fn parse_tcp(text: &str) -> Result<SocketAddr, ConfigError> {
     }
 }
 
-fn parse_port(spec: &str) -> Result<PortConfig, ConfigError> {
+fn parse_port(spec: &str, access: FileAccess) -> Result<PortConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::BadPort {
         spec: spec.to_string(),
         reason: reason.to_string(),
@@ -123,7 +169,10 @@ fn parse_port(spec: &str) -> Result<PortConfig, ConfigError> {
                 log = Some(PathBuf::from(v));
                 None
             }
-            ("unix", Some(v)) => Some(EndpointSpec::Unix(PathBuf::from(v))),
+            ("unix", Some(v)) => Some(EndpointSpec::Unix {
+                path: PathBuf::from(v),
+                access,
+            }),
             ("tcp", Some(v)) => Some(EndpointSpec::Tcp(parse_tcp(v)?)),
             ("pty", link) => Some(EndpointSpec::Pty {
                 link: link.map(PathBuf::from),
@@ -166,8 +215,20 @@ impl TryFrom<Args> for Config {
         if args.pty_link.is_some() && (args.unix.is_some() || args.tcp.is_some()) {
             return Err(ConfigError::LinkWithoutPty);
         }
+        let access = file_access(
+            args.endpoint_mode.as_deref(),
+            args.endpoint_group.as_deref(),
+            FileAccess::ENDPOINT_DEFAULT,
+            ("--endpoint-mode", "--endpoint-group"),
+        )?;
+        let log_access = file_access(
+            args.log_mode.as_deref(),
+            args.log_group.as_deref(),
+            FileAccess::LOG_DEFAULT,
+            ("--log-mode", "--log-group"),
+        )?;
         let endpoint = match (args.unix, args.tcp) {
-            (Some(path), _) => EndpointSpec::Unix(path),
+            (Some(path), _) => EndpointSpec::Unix { path, access },
             (None, Some(tcp)) => EndpointSpec::Tcp(parse_tcp(&tcp)?),
             (None, None) => EndpointSpec::Pty {
                 link: args.pty_link,
@@ -179,7 +240,7 @@ impl TryFrom<Args> for Config {
             log: args.log,
         }];
         for spec in &args.ports {
-            let port = parse_port(spec)?;
+            let port = parse_port(spec, access)?;
             if ports.iter().any(|p| p.name == port.name) {
                 return Err(ConfigError::DuplicateName(port.name.unwrap_or_default()));
             }
@@ -195,6 +256,7 @@ impl TryFrom<Args> for Config {
             listen,
             ports,
             history: args.history * 1024,
+            log_access,
         })
     }
 }
@@ -241,6 +303,60 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_and_log_access() {
+        let c = config(&["--unix", "/a"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.ports[0].endpoint,
+            EndpointSpec::Unix {
+                path: "/a".into(),
+                access: FileAccess {
+                    mode: 0o660,
+                    gid: None
+                }
+            }
+        );
+        assert_eq!(c.log_access.mode, 0o640);
+        let c = config(&[
+            "--unix",
+            "/a",
+            "--endpoint-mode",
+            "0600",
+            "--endpoint-group",
+            "0",
+            "--log-mode",
+            "600",
+            "--log-group",
+            "root",
+            "--port",
+            "name=p,unix=/b",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let access = FileAccess {
+            mode: 0o600,
+            gid: Some(0),
+        };
+        assert_eq!(
+            c.ports[1].endpoint,
+            EndpointSpec::Unix {
+                path: "/b".into(),
+                access
+            }
+        );
+        assert_eq!(c.log_access, access);
+        assert!(matches!(
+            config(&["--log-mode", "rw"]),
+            Err(ConfigError::BadMode {
+                flag: "--log-mode",
+                ..
+            })
+        ));
+        assert!(matches!(
+            config(&["--endpoint-group", "no-such-group-here"]),
+            Err(ConfigError::NoSuchGroup { .. })
+        ));
+    }
+
+    #[test]
     fn named_ports_parse() {
         let c = config(&[
             "--port",
@@ -255,7 +371,10 @@ mod tests {
         assert_eq!(c.ports[1].name.as_deref(), Some("org.example.agent"));
         assert_eq!(
             c.ports[1].endpoint,
-            EndpointSpec::Unix("/run/agent.sock".into())
+            EndpointSpec::Unix {
+                path: "/run/agent.sock".into(),
+                access: FileAccess::ENDPOINT_DEFAULT
+            }
         );
         assert_eq!(c.ports[1].log, Some(PathBuf::from("/tmp/a.log")));
         assert_eq!(

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -28,10 +28,55 @@ pub const INPUT_CHUNK: usize = 64 * 1024;
 pub enum EndpointSpec {
     /// A new pseudo-terminal, with an optional symlink to its slave.
     Pty { link: Option<PathBuf> },
-    /// A UNIX socket we listen on.
-    Unix(PathBuf),
+    /// A UNIX socket we listen on, created with `access`.
+    Unix { path: PathBuf, access: FileAccess },
     /// A TCP socket we listen on.
     Tcp(SocketAddr),
+}
+
+/// Permissions and group of a file the daemon creates (a UNIX endpoint, a log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileAccess {
+    pub mode: u32,
+    /// `None`: the process's group.
+    pub gid: Option<u32>,
+}
+
+impl FileAccess {
+    /// UNIX endpoints: owner and group connect, nobody else.
+    pub const ENDPOINT_DEFAULT: FileAccess = FileAccess {
+        mode: 0o660,
+        gid: None,
+    };
+    /// Logs: the group reads what the guest wrote, nobody else does.
+    pub const LOG_DEFAULT: FileAccess = FileAccess {
+        mode: 0o640,
+        gid: None,
+    };
+}
+
+/// Creates (or opens) the log file at `path` with `access`, applied to an existing file too:
+/// the guest's console output must not stay readable to whoever could read an older file.
+pub fn prepare_log(path: &Path, access: FileAccess) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(access.mode)
+        .open(path)
+        .map_err(&context)?;
+    file.set_permissions(std::fs::Permissions::from_mode(access.mode))
+        .map_err(&context)?;
+    if let Some(gid) = access.gid {
+        nix::unistd::fchown(
+            file.as_raw_fd(),
+            None,
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| context(e.into()))?;
+    }
+    Ok(())
 }
 
 /// The last `capacity` bytes of guest output.
@@ -146,11 +191,11 @@ impl HostPort {
     ) -> io::Result<HostPort> {
         let kind = match spec {
             EndpointSpec::Pty { link } => open_pty(link.as_deref())?,
-            EndpointSpec::Unix(path) => {
+            EndpointSpec::Unix { path, access } => {
                 remove_stale_socket(path)?;
-                let listener = UnixListener::bind(path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("{}: cannot bind: {e}", path.display()))
-                })?;
+                let listener =
+                    vhost_user_common::serve::bind_with_mode(path, access.mode, access.gid)
+                        .map_err(|e| io::Error::other(e.to_string()))?;
                 listener.set_nonblocking(true)?;
                 log::info!("{label}: listening on {}", path.display());
                 Kind::Unix {
@@ -178,6 +223,8 @@ impl HostPort {
                 OpenOptions::new()
                     .create(true)
                     .append(true)
+                    // Without prepare_log (embedders), still not world-readable.
+                    .mode(FileAccess::LOG_DEFAULT.mode)
                     .open(path)
                     .map_err(|e| {
                         io::Error::new(e.kind(), format!("{}: cannot open: {e}", path.display()))
@@ -650,6 +697,7 @@ fn set_winsize(fd: RawFd, cols: u16, rows: u16) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn history_keeps_the_newest_bytes() {
@@ -670,7 +718,15 @@ mod tests {
     fn unix_client_gets_history_and_back_pressure_applies() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("c.sock");
-        let mut port = HostPort::open("test", &EndpointSpec::Unix(path.clone()), 4, None)?;
+        let spec = EndpointSpec::Unix {
+            path: path.clone(),
+            access: FileAccess::ENDPOINT_DEFAULT,
+        };
+        let mut port = HostPort::open("test", &spec, 4, None)?;
+        assert_eq!(
+            std::fs::metadata(&path)?.permissions().mode() & 0o777,
+            0o660
+        );
         port.guest_output(b"boot log");
         assert!(!port.connected());
         let mut client = UnixStream::connect(&path)?;
@@ -701,6 +757,33 @@ mod tests {
         assert!(!port.connected());
         assert_eq!(port.connection_change(), Some(false));
         assert_eq!(port.output_room(), OUTPUT_LIMIT);
+        Ok(())
+    }
+
+    #[test]
+    fn log_gets_its_mode_even_when_it_exists() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c.log");
+        std::fs::write(&path, b"old\n")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        let gid = nix::unistd::getegid().as_raw();
+        prepare_log(
+            &path,
+            FileAccess {
+                mode: 0o640,
+                gid: Some(gid),
+            },
+        )?;
+        let meta = std::fs::metadata(&path)?;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+        assert_eq!(std::fs::read(&path)?, b"old\n");
+        let fresh = dir.path().join("new.log");
+        prepare_log(&fresh, FileAccess::LOG_DEFAULT)?;
+        assert_eq!(
+            std::fs::metadata(&fresh)?.permissions().mode() & 0o777,
+            0o640
+        );
         Ok(())
     }
 }

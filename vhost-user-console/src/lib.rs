@@ -36,7 +36,7 @@ pub fn parse_args() -> Args {
         let text = e.render().to_string();
         let first = text.lines().next().unwrap_or("bad arguments");
         let message = first.strip_prefix("error: ").unwrap_or(first);
-        eprintln!("vhost-user-console: error: {message} (see --help)");
+        vhost_user_common::logging::fatal("vhost-user-console", &format!("{message} (see --help)"));
         std::process::exit(2);
     })
 }
@@ -53,6 +53,10 @@ pub enum RunError {
 /// Opens the ports' endpoints, binds the vhost-user socket and serves frontends until a
 /// signal ends the process.
 pub fn run(config: Config) -> Result<(), RunError> {
+    // The log files get their mode and group before the ports open them for appending.
+    for log in config.ports.iter().filter_map(|p| p.log.as_deref()) {
+        endpoint::prepare_log(log, config.log_access).map_err(RunError::Endpoint)?;
+    }
     // Endpoints first: once the vhost-user socket exists, the console is ready to attach.
     let host = Host::open(&config).map_err(RunError::Endpoint)?;
     let cleanup = host.cleanup_paths();

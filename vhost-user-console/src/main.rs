@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vhost-user-console: error: {e}");
+            vhost_user_common::logging::fatal("vhost-user-console", &e);
             ExitCode::FAILURE
         }
     }

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            vhost_user_common::logging::fatal("vhost-user-net", &e);
             ExitCode::FAILURE
         }
     }

@@ -27,9 +27,28 @@ const REVISION: &str = "1";
 const MAINTAINER: &str = "vhost-user daemons maintainers <vhost-user-daemons@localhost>";
 
 const POSTINST: &str = r#"#!/bin/sh
-# Makes systemd see the new or changed template units. Nothing is enabled or started: an
-# instance needs its /etc/vhost-user/<daemon>/<instance>.conf first.
+# Creates the kvm group and the vhost-user system user the units run as, and makes systemd
+# see the new or changed template units. Nothing is enabled or started: an instance needs its
+# /etc/vhost-user/<daemon>/<instance>.conf first.
 set -e
+case "$1" in
+    configure)
+        if command -v systemd-sysusers >/dev/null 2>&1; then
+            systemd-sysusers vhost-user-daemons.conf
+        else
+            getent group kvm >/dev/null || groupadd --system kvm
+            getent passwd vhost-user >/dev/null || useradd --system --user-group \
+                --home-dir /var/lib/vhost-user --no-create-home \
+                --shell /usr/sbin/nologin --comment "vhost-user device backends" vhost-user
+        fi
+        # Disk images: the daemons' group reads the directory (set-group-ID: new images get
+        # the group); an administrator's dpkg-statoverride wins.
+        if ! dpkg-statoverride --list /var/lib/vhost-user/blk >/dev/null 2>&1; then
+            chown root:vhost-user /var/lib/vhost-user/blk
+            chmod 2750 /var/lib/vhost-user/blk
+        fi
+        ;;
+esac
 case "$1" in
     configure|abort-upgrade|abort-deconfigure|abort-remove)
         if [ -d /run/systemd/system ]; then
@@ -42,14 +61,25 @@ exit 0
 
 const POSTRM: &str = r#"#!/bin/sh
 # Makes systemd forget the removed template units. Running instances are left alone, and so
-# are the instances' settings in /etc/vhost-user and the disk images in /var/lib/vhost-user.
+# are the instances' settings in /etc/vhost-user, the disk images in /var/lib/vhost-user and
+# the vhost-user user (Debian does not remove system users).
 set -e
+if [ "$1" = purge ]; then
+    # Debian policy: log files go when the package is purged.
+    rm -rf /var/log/vhost-user
+    # The enablement links of the instances the administrator enabled (`systemctl enable
+    # vhost-user-blk@disk0.socket`): their template units went with the package, the links
+    # would stay as not-found units. On a plain remove they stay, for a reinstall.
+    for link in /etc/systemd/system/*.wants/vhost-user-blk@* \
+        /etc/systemd/system/*.wants/vhost-user-net@* \
+        /etc/systemd/system/*.wants/vhost-user-console@*; do
+        if [ -L "$link" ]; then
+            rm -f "$link"
+        fi
+    done
+fi
 if [ -d /run/systemd/system ]; then
     systemctl --system daemon-reload >/dev/null || true
-fi
-# Debian policy: log files go when the package is purged.
-if [ "$1" = purge ]; then
-    rm -rf /var/log/vhost-user
 fi
 exit 0
 "#;
@@ -583,9 +613,16 @@ pub fn build() -> Result<PathBuf, String> {
         let text = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         stage.file(&format!("{doc}/{name}"), &gzip(&text)?, 0o644)?;
     }
-    // What the units let the daemons write to: blk images, console logs.
+    // What the units let the daemons write to: blk images, console logs (LogsDirectory=
+    // gives it to the vhost-user user when a console starts).
     stage.dir("var/lib/vhost-user/blk")?;
     stage.dir("var/log/vhost-user")?;
+    // The kvm group and the vhost-user user (postinst runs systemd-sysusers on it).
+    stage.copy(
+        &root.join("dist/sysusers/vhost-user-daemons.conf"),
+        "usr/lib/sysusers.d/vhost-user-daemons.conf",
+        0o644,
+    )?;
 
     let mut entries = Vec::new();
     walk(&stage.root, &stage.root, &mut entries)?;
