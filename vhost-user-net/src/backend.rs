@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vhost_user_common::device::{read_config, DeviceEvents};
 use vhost_user_common::ring::Ring;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
