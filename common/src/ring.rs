@@ -360,7 +360,8 @@ impl<H: RingHooks> Ring<H> {
         self.hooks.wrote(addr, len);
     }
 
-    /// Writes the queued used entries and makes them visible with one used-index update.
+    /// Writes the queued used entries and makes them visible with one used-index update. Also
+    /// while the ring is being stopped: what the device finishes then is still the driver's.
     pub fn publish(&mut self, mem: &GuestMemory) {
         if self.used.is_empty() {
             return;
@@ -441,8 +442,10 @@ fn publish_used(
     used: &[UsedElem],
     hooks: &mut impl RingHooks,
 ) -> Result<Option<u16>, RingBroken> {
+    // A ring being stopped (GET_VRING_BASE clears `ready` first) still gets the chains the
+    // device finishes while it drains: only a ring without a size has nowhere to put them.
     let size = queue.size();
-    if size == 0 || !queue.ready() {
+    if size == 0 {
         return Ok(None);
     }
     let ring = queue.used_ring();
@@ -477,6 +480,7 @@ mod tests {
     use super::*;
     use crate::testing::TestQueue;
     use std::sync::{Arc, Mutex};
+    use vhost_user_backend::VringT;
     use vm_memory::Address;
 
     const SIZE: u16 = 16;
@@ -538,6 +542,27 @@ mod tests {
         assert_eq!(recorded.returning.len(), 1, "one batch");
         assert_eq!(recorded.returning[0].1, 3);
         assert_eq!(recorded.returned, vec![3]);
+    }
+
+    #[test]
+    fn chains_finished_while_the_ring_stops_are_still_returned() {
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let mut ring = ring(&queue);
+        add_chains(&mut queue, 2);
+        let mem = queue.memory();
+        let heads: Vec<u16> =
+            std::iter::from_fn(|| ring.pop(&mem).map(|c| c.head_index())).collect();
+        // GET_VRING_BASE marks the ring not ready before the device drains it.
+        queue.vring.set_queue_ready(false);
+        for head in heads {
+            ring.push_used(head, 1);
+        }
+        ring.complete(&mem);
+        assert_eq!(queue.used_idx(), 2);
+        assert!(
+            ring.try_pop(&mem).is_none(),
+            "nothing is taken from a stopped ring"
+        );
     }
 
     #[test]

@@ -617,6 +617,43 @@ fn hostile_chains_are_dropped_and_the_daemon_keeps_serving() -> Result<()> {
 }
 
 #[test]
+fn receive_chains_held_for_a_frame_go_back_when_the_ring_stops() -> Result<()> {
+    use vhost::VhostBackend;
+    let ns = Netns::new()?;
+    let daemon = start_daemon(&ns, 1, &[])?;
+    let sock = PacketSocket::open(&ns, TAP)?;
+    let mut vmm = TestVmm::connect(&daemon.socket, RAM, 2, QUEUE_SIZE, negotiate(true))?;
+    // One 256-byte buffer: with MRG_RXBUF the daemon takes it for a 1000-byte frame, then
+    // waits for more (EVENT_IDX: it asks for a kick at the next buffer, avail_event = 1).
+    let mut rx = RxBuffers::default();
+    rx.post(&mut vmm, 0, 1, 256)?;
+    wait_for_log(&daemon, "pair 0: tap queue attached")?;
+    sock.send(&udp_frame(GUEST_MAC, HOST_MAC, 6, 1000))?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (ram, q) = vmm.queue(0);
+        let avail_event = ram.read(q.used + 4 + 8 * u64::from(q.size), 2)?;
+        if avail_event == [1, 0] {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the daemon never took the receive buffer".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (ram, q) = vmm.queue(0);
+    assert!(
+        q.take_used(ram)?.is_empty(),
+        "one buffer cannot hold the frame"
+    );
+    // GET_VRING_BASE stops the ring: the held buffer comes back, empty.
+    assert_eq!(vmm.frontend.get_vring_base(0)?, 1);
+    let (ram, q) = vmm.queue(0);
+    assert_eq!(q.take_used(ram)?, vec![Used { id: 0, len: 0 }]);
+    Ok(())
+}
+
+#[test]
 fn disabled_pair_is_not_served() -> Result<()> {
     let ns = Netns::new()?;
     let daemon = start_daemon(&ns, 2, &[])?;

@@ -1,10 +1,11 @@
-//! Counters of what the daemon moved and dropped, and a rate limit for the warnings that guest
-//! input can trigger (a hostile guest must not be able to flood the log).
+//! Counters of what the daemon moved and dropped, shared by every queue pair, and the rate
+//! limit of the warnings guest input can trigger (a hostile guest must not be able to flood
+//! the log): all pairs share one, so the bound holds for the whole daemon.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+
+use vhost_user_common::ratelimit::RateLimit;
 
 /// Frame and drop counters, shared by every queue pair.
 #[derive(Debug, Default)]
@@ -22,9 +23,14 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Logs a drop caused by the guest or the host, at most once per second.
+    /// Logs a drop caused by the guest or the host, at most ten times a second.
     pub fn warn(&self, args: fmt::Arguments<'_>) {
         self.limiter.warn(args);
+    }
+
+    /// Logs a failure the guest or the host can repeat at will, at the same rate.
+    pub fn error(&self, args: fmt::Arguments<'_>) {
+        self.limiter.error(args);
     }
 
     pub fn summary(&self) -> String {
@@ -37,77 +43,5 @@ impl Stats {
             get(&self.rx_dropped),
             get(&self.bad_chains)
         )
-    }
-}
-
-/// Lets `burst` messages through per interval and counts the ones it held back.
-#[derive(Debug)]
-pub struct RateLimit {
-    interval: Duration,
-    burst: u32,
-    /// Start of the current window and messages let through in it.
-    window: Mutex<Option<(Instant, u32)>>,
-    suppressed: AtomicU64,
-}
-
-impl Default for RateLimit {
-    fn default() -> Self {
-        RateLimit {
-            interval: Duration::from_secs(1),
-            burst: 10,
-            window: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-}
-
-impl RateLimit {
-    /// True if a message may be logged now.
-    pub fn allow(&self) -> bool {
-        let now = Instant::now();
-        let Ok(mut window) = self.window.lock() else {
-            return false;
-        };
-        match &mut *window {
-            Some((start, count)) if now.duration_since(*start) < self.interval => {
-                if *count < self.burst {
-                    *count += 1;
-                    true
-                } else {
-                    self.suppressed.fetch_add(1, Ordering::Relaxed);
-                    false
-                }
-            }
-            _ => {
-                *window = Some((now, 1));
-                true
-            }
-        }
-    }
-
-    pub fn warn(&self, args: fmt::Arguments<'_>) {
-        if self.allow() {
-            let held = self.suppressed.swap(0, Ordering::Relaxed);
-            if held > 0 {
-                log::warn!("{args} ({held} similar messages suppressed)");
-            } else {
-                log::warn!("{args}");
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_beyond_the_burst_are_held_back() {
-        let limit = RateLimit::default();
-        for _ in 0..10 {
-            assert!(limit.allow());
-        }
-        assert!(!limit.allow());
-        assert_eq!(limit.suppressed.load(Ordering::Relaxed), 1);
     }
 }

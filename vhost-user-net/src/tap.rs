@@ -10,6 +10,13 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+};
+
+use crate::queue_pair::TapIo;
+
 /// `struct ifreq`: the interface name and a 24-byte union we fill per request.
 #[repr(C)]
 #[derive(Default)]
@@ -65,6 +72,18 @@ pub struct Offloads {
 }
 
 impl Offloads {
+    /// The offloads matching the guest's receive features (VIRTIO_NET_F_GUEST_*).
+    pub fn for_guest(features: u64) -> Offloads {
+        let has = |b: u32| features & (1 << b) != 0;
+        Offloads {
+            csum: has(VIRTIO_NET_F_GUEST_CSUM),
+            tso4: has(VIRTIO_NET_F_GUEST_TSO4),
+            tso6: has(VIRTIO_NET_F_GUEST_TSO6),
+            ecn: has(VIRTIO_NET_F_GUEST_ECN),
+            ufo: has(VIRTIO_NET_F_GUEST_UFO),
+        }
+    }
+
     /// The TUN_F_* flags. TSO/UFO without checksum offload mean nothing to the kernel.
     pub fn tun_flags(&self) -> libc::c_uint {
         if !self.csum {
@@ -99,9 +118,16 @@ impl AsRawFd for TapQueue {
     }
 }
 
-fn ioctl_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
-    // SAFETY: every request used with this helper reads or writes at most `size_of::<T>()`
-    // bytes at `arg` (an ifreq or an int), which is a valid, exclusively borrowed object.
+/// `ioctl(fd, request, arg)` with a pointer argument.
+///
+/// # Safety
+///
+/// `request` must read or write at most `size_of::<T>()` bytes through its argument (an
+/// `ifreq` request with [`IfReq`], an int request with `c_int`), and must not keep the pointer
+/// after it returns.
+unsafe fn ioctl_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is a valid, exclusively borrowed object of `size_of::<T>()` bytes, and the
+    // caller guarantees the request touches no more than that.
     let ret = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
@@ -109,8 +135,14 @@ fn ioctl_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()
     Ok(())
 }
 
-fn ioctl_val(fd: RawFd, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
-    // SAFETY: the request takes its argument by value (TUNSETOFFLOAD); no memory is passed.
+/// `ioctl(fd, request, arg)` with an argument passed by value.
+///
+/// # Safety
+///
+/// `request` must take its argument as a value (TUNSETOFFLOAD): one that reads it as a pointer
+/// would dereference `arg` as an address.
+unsafe fn ioctl_val(fd: RawFd, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: the caller guarantees the request reads no memory through `arg`.
     let ret = unsafe { libc::ioctl(fd, request as _, arg) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
@@ -132,7 +164,8 @@ impl TapQueue {
         }
         let mut req = IfReq::new(name);
         req.set_short(flags as i16);
-        ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF as libc::c_ulong, &mut req)?;
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is.
+        unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF as libc::c_ulong, &mut req)? };
         Ok(TapQueue { file })
     }
 
@@ -146,11 +179,14 @@ impl TapQueue {
             libc::IFF_DETACH_QUEUE
         };
         req.set_short(flag as i16);
-        ioctl_ptr(
-            self.file.as_raw_fd(),
-            libc::TUNSETQUEUE as libc::c_ulong,
-            &mut req,
-        )
+        // SAFETY: TUNSETQUEUE reads one `struct ifreq`, which `req` is.
+        unsafe {
+            ioctl_ptr(
+                self.file.as_raw_fd(),
+                libc::TUNSETQUEUE as libc::c_ulong,
+                &mut req,
+            )
+        }
     }
 
     /// Reads one frame (virtio-net header first) into `buf`.
@@ -175,13 +211,14 @@ impl TapQueue {
 
     /// Writes one frame (virtio-net header first) gathered from `iovecs`.
     ///
-    /// The iovecs must point at memory that stays mapped for the call (guest memory held alive
-    /// by the caller).
-    pub fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that stays mapped and readable for the whole call
+    /// (guest memory the caller holds alive, bounds-checked when the iovecs were made).
+    pub unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
         let count = iovecs.len().min(libc::c_int::MAX as usize);
-        // SAFETY: the kernel only reads `count` iovecs from the slice; each one describes memory
-        // the caller keeps mapped and readable (guest RAM, bounds-checked when the iovecs were
-        // made). The raw system call, as in `read_frame`.
+        // SAFETY: the kernel only reads `count` iovecs from the slice, and each one describes
+        // readable memory (the caller's contract). The raw system call, as in `read_frame`.
         let n = unsafe {
             libc::syscall(
                 libc::SYS_writev,
@@ -194,6 +231,17 @@ impl TapQueue {
             return Err(io::Error::last_os_error());
         }
         Ok(n as usize)
+    }
+}
+
+impl TapIo for TapQueue {
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TapQueue::read_frame(self, buf)
+    }
+
+    unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the same contract, passed on.
+        unsafe { TapQueue::write_frame(self, iovecs) }
     }
 }
 
@@ -254,29 +302,29 @@ impl Tap {
     /// TUNSETVNETHDRSZ: the length of the virtio-net header before each frame.
     pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
         let mut len = len as libc::c_int;
-        ioctl_ptr(
-            self.first_fd()?,
-            libc::TUNSETVNETHDRSZ as libc::c_ulong,
-            &mut len,
-        )
+        let fd = self.first_fd()?;
+        // SAFETY: TUNSETVNETHDRSZ reads one int, which `len` is.
+        unsafe { ioctl_ptr(fd, libc::TUNSETVNETHDRSZ as libc::c_ulong, &mut len) }
     }
 
     /// TUNSETOFFLOAD. Kernels that dropped UFO refuse the flag: retry without it.
     pub fn set_offloads(&self, offloads: Offloads) -> io::Result<libc::c_uint> {
         let fd = self.first_fd()?;
         let flags = offloads.tun_flags();
-        match ioctl_val(
-            fd,
-            libc::TUNSETOFFLOAD as libc::c_ulong,
-            libc::c_ulong::from(flags),
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && flags & libc::TUN_F_UFO != 0 => {
-                let flags = flags & !libc::TUN_F_UFO;
+        let set = |flags: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes its flags by value.
+            unsafe {
                 ioctl_val(
                     fd,
                     libc::TUNSETOFFLOAD as libc::c_ulong,
                     libc::c_ulong::from(flags),
-                )?;
+                )
+            }
+        };
+        match set(flags) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && flags & libc::TUN_F_UFO != 0 => {
+                let flags = flags & !libc::TUN_F_UFO;
+                set(flags)?;
                 Ok(flags)
             }
             Err(e) => Err(e),
@@ -297,25 +345,30 @@ impl Tap {
         if let Some(mtu) = setup.mtu {
             let mut req = IfReq::new(&self.name);
             req.set_int(i32::from(mtu));
-            ioctl_ptr(fd, SIOCSIFMTU, &mut req)?;
+            // SAFETY: SIOCSIFMTU reads one `struct ifreq`, which `req` is.
+            unsafe { ioctl_ptr(fd, SIOCSIFMTU, &mut req)? };
         }
         if let Some((addr, prefix)) = setup.address {
             let mut req = IfReq::new(&self.name);
             req.set_ipv4(addr);
-            ioctl_ptr(fd, SIOCSIFADDR, &mut req)?;
+            // SAFETY: SIOCSIFADDR reads one `struct ifreq`, which `req` is.
+            unsafe { ioctl_ptr(fd, SIOCSIFADDR, &mut req)? };
             let mask = u32::MAX
                 .checked_shl(32 - u32::from(prefix.min(32)))
                 .unwrap_or(0);
             let mut req = IfReq::new(&self.name);
             req.set_ipv4(Ipv4Addr::from(mask));
-            ioctl_ptr(fd, SIOCSIFNETMASK, &mut req)?;
+            // SAFETY: SIOCSIFNETMASK reads one `struct ifreq`, which `req` is.
+            unsafe { ioctl_ptr(fd, SIOCSIFNETMASK, &mut req)? };
         }
         if setup.up || setup.address.is_some() {
             let mut req = IfReq::new(&self.name);
-            ioctl_ptr(fd, SIOCGIFFLAGS, &mut req)?;
+            // SAFETY: SIOCGIFFLAGS writes into one `struct ifreq`, which `req` is.
+            unsafe { ioctl_ptr(fd, SIOCGIFFLAGS, &mut req)? };
             let flags = req.short() | libc::IFF_UP as i16;
             req.set_short(flags);
-            ioctl_ptr(fd, SIOCSIFFLAGS, &mut req)?;
+            // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, which `req` is.
+            unsafe { ioctl_ptr(fd, SIOCSIFFLAGS, &mut req)? };
         }
         Ok(())
     }
@@ -347,6 +400,18 @@ mod tests {
                 | libc::TUN_F_TSO6
                 | libc::TUN_F_TSO_ECN
                 | libc::TUN_F_UFO
+        );
+    }
+
+    #[test]
+    fn offloads_follow_guest_receive_features() {
+        use virtio_bindings::virtio_net::VIRTIO_NET_F_HOST_TSO4;
+        let bit = |b: u32| 1u64 << b;
+        let o = Offloads::for_guest(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4));
+        assert!(o.csum && o.tso4 && !o.tso6 && !o.ufo);
+        assert_eq!(
+            Offloads::for_guest(bit(VIRTIO_NET_F_HOST_TSO4)),
+            Offloads::default()
         );
     }
 

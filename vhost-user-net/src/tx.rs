@@ -1,13 +1,12 @@
 //! Transmit path, device side: a guest transmit chain is the virtio-net header followed by the
 //! frame, all device-readable. The tap takes exactly that layout (IFF_VNET_HDR with the same
-//! header length), so the chain's buffers go to `writev` as they are: each descriptor is checked
-//! against guest memory and turned into host iovecs in one pass, without copying the frame or
-//! allocating. No vhost types here.
+//! header length), so the chain's buffers go to `writev` as they are: the chain is walked and
+//! checked into the queue pair's scratch [`ChainBuffers`] and its readable part turned into
+//! host iovecs, without copying the frame or allocating. No vhost types here.
 
-use vhost_user_common::chain::ChainError;
+use vhost_user_common::chain::{host_iovecs, ChainBuffers, ChainError};
 use vhost_user_common::GuestMemory;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::GuestMemoryBackend;
 
 /// The longest frame the tap accepts after the header (64 KiB GSO frames).
 pub const MAX_FRAME: u64 = 65_535 + 14;
@@ -26,13 +25,15 @@ pub enum TxDrop {
 /// Checks a transmit chain and appends the host iovecs of its readable part (header, then
 /// frame) to `out`; returns the readable length. On error `out` is left as it was.
 ///
-/// The rules are those of [`vhost_user_common::chain::ChainBuffers::parse`]: every descriptor
-/// must lie inside guest memory, device-readable descriptors come before device-writable ones
-/// (which a transmit chain has no use for and are ignored), zero-length descriptors are
-/// skipped, and a chain may have at most `max_descriptors` descriptors.
+/// The chain is parsed into `scratch` (whose storage is reused: nothing is allocated once it
+/// has grown to the longest chain seen) with the rules of [`ChainBuffers::parse_into`]: every
+/// descriptor inside guest memory, device-readable descriptors before device-writable ones
+/// (which a transmit chain has no use for and are ignored), zero-length descriptors skipped, at
+/// most `max_descriptors` descriptors.
 ///
 /// The iovecs point into guest memory: they stay valid while `mem` does.
 pub fn frame_iovecs<I>(
+    scratch: &mut ChainBuffers,
     head: u16,
     descriptors: I,
     mem: &GuestMemory,
@@ -43,69 +44,20 @@ pub fn frame_iovecs<I>(
 where
     I: IntoIterator<Item = Descriptor>,
 {
-    let start = out.len();
-    let result = gather(head, descriptors, mem, max_descriptors, hdr_len, out);
-    if result.is_err() {
-        out.truncate(start);
-    }
-    result
-}
-
-fn gather<I>(
-    head: u16,
-    descriptors: I,
-    mem: &GuestMemory,
-    max_descriptors: usize,
-    hdr_len: usize,
-    out: &mut Vec<libc::iovec>,
-) -> Result<u64, TxDrop>
-where
-    I: IntoIterator<Item = Descriptor>,
-{
-    let invalid = |e| TxDrop::Invalid(e, head);
-    let mut len = 0u64;
-    let mut seen = 0usize;
-    let mut writable = false;
-    for (index, desc) in descriptors.into_iter().enumerate() {
-        seen += 1;
-        if index >= max_descriptors {
-            return Err(invalid(ChainError::TooLong(max_descriptors)));
-        }
-        let (addr, size) = (desc.addr(), desc.len());
-        if !GuestMemoryBackend::check_range(mem, addr, size as usize) {
-            return Err(invalid(ChainError::OutsideMemory {
-                index,
-                addr: addr.0,
-                len: size,
-            }));
-        }
-        if desc.is_write_only() {
-            writable = true;
-            continue;
-        }
-        if writable {
-            return Err(invalid(ChainError::ReadableAfterWritable { index }));
-        }
-        if size == 0 {
-            continue;
-        }
-        len += u64::from(size);
-        if len > hdr_len as u64 + MAX_FRAME {
-            return Err(TxDrop::TooLarge { head, len });
-        }
-        for slice in GuestMemoryBackend::get_slices(mem, addr, size as usize) {
-            let slice = slice.map_err(|e| invalid(ChainError::Memory(e.to_string())))?;
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    if seen == 0 {
-        return Err(invalid(ChainError::Empty));
-    }
+    scratch
+        .parse_into(descriptors, mem, max_descriptors)
+        .map_err(|e| TxDrop::Invalid(e, head))?;
+    let len = scratch.readable_len();
     if len < hdr_len as u64 {
         return Err(TxDrop::NoHeader { head, len, hdr_len });
+    }
+    if len > hdr_len as u64 + MAX_FRAME {
+        return Err(TxDrop::TooLarge { head, len });
+    }
+    let start = out.len();
+    if let Err(e) = host_iovecs(mem, scratch.readable().iter().copied(), out) {
+        out.truncate(start);
+        return Err(TxDrop::Invalid(e, head));
     }
     Ok(len)
 }
@@ -119,7 +71,9 @@ mod tests {
     fn iovecs(descs: &[(u64, u32, u32)], max: usize) -> (Result<u64, TxDrop>, Vec<libc::iovec>) {
         let mem = memory();
         let mut out = Vec::new();
-        let result = frame_iovecs(7, descriptors(&mem, descs), &mem, max, 12, &mut out);
+        let mut scratch = ChainBuffers::default();
+        let chain = descriptors(&mem, descs);
+        let result = frame_iovecs(&mut scratch, 7, chain, &mem, max, 12, &mut out);
         (result, out)
     }
 
@@ -194,5 +148,28 @@ mod tests {
         );
         assert_eq!(result, Ok(32));
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn the_scratch_is_reused_and_iovecs_append() {
+        let mem = memory();
+        let mut scratch = ChainBuffers::default();
+        let mut out = Vec::new();
+        let first = descriptors(&mem, &[(0x1000, 12, 0), (0x2000, 60, 0)]);
+        let second = descriptors(&mem, &[(0x3000, 40, 0)]);
+        assert_eq!(
+            frame_iovecs(&mut scratch, 1, first, &mem, 16, 12, &mut out),
+            Ok(72)
+        );
+        assert_eq!(
+            frame_iovecs(&mut scratch, 2, second, &mem, 16, 12, &mut out),
+            Ok(40)
+        );
+        assert_eq!(out.len(), 3, "the second chain's iovec follows the first's");
+        assert_eq!(
+            scratch.readable().len(),
+            1,
+            "the scratch holds the last chain only"
+        );
     }
 }
