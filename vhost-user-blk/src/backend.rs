@@ -534,7 +534,15 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot);
+            // the library disables the rings, clears the features and calls reset_device().
+            | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        // Rings and features are reset by the library; the next SET_FEATURES sets ours again.
+        log::info!("device reset by the frontend");
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -532,10 +532,14 @@ impl VhostUserBackend for ConsoleBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot);
+            // the library disables the rings, clears the features and calls reset_device().
+            | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn reset_device(&self) {
+        log::info!("device reset by the frontend");
         let mut session = lock(&self.session);
         session.handshake = Handshake::new(self.num_ports);
         session.control_out.clear();
