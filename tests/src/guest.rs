@@ -4,8 +4,12 @@
 //! Built once and cached under `<target>/e2e-guest/`:
 //!
 //! - `kernel-<package>_<version>/`: `vmlinuz` and the virtio modules (decompressed), from the
-//!   `linux-image-*-amd64` package that `linux-image-amd64` depends on (`apt-get download`).
-//! - `initrd-<kernel release>-<hash>.cpio`: an uncompressed newc archive. The hash covers the
+//!   `linux-image-*-amd64` package that `linux-image-amd64` depends on (`apt-get download`):
+//!   the host's release ([`GuestKernel::Host`], Debian 12's 6.1), or the newest Debian kernel
+//!   ([`GuestKernel::Newest`], trixie-backports, through the Debian 13 root's apt, see
+//!   [`crate::debroot`]). Newer kernels come split (`linux-binary-*`, `linux-modules-*`) and
+//!   build more in; each module's dependencies are read from its `.modinfo`.
+//! - `initrd-<host|newest>-<kernel release>-<hash>.cpio`: an uncompressed newc archive. The hash covers the
 //!   builder's version, the init script, the kernel, and the path, size and mtime of every host
 //!   file copied in, so upgrading fio (or the kernel) builds a new one.
 //!
@@ -344,8 +348,13 @@ fn kernel(cache: &Path, apt: &Apt) -> Result<Kernel> {
     let (package, version, debs) = match resolve_kernel_package(apt) {
         Ok(found) => found,
         Err(e) => {
+            // Offline: the host kernel used last time (the cache also holds the newest one).
             let cached = match apt {
-                Apt::Host => newest_cached_kernel(cache),
+                Apt::Host => fs::read_to_string(cache.join("kernel-host"))
+                    .ok()
+                    .map(|name| cache.join(name.trim()))
+                    .filter(|dir| dir.join("vmlinuz").exists())
+                    .or_else(|| newest_cached_kernel(cache)),
                 Apt::Root(_) => None,
             };
             match cached {
@@ -359,6 +368,11 @@ fn kernel(cache: &Path, apt: &Apt) -> Result<Kernel> {
         sanitize(&package),
         sanitize(&version)
     ));
+    if let Apt::Host = apt {
+        if let Some(name) = dir.file_name() {
+            fs::write(cache.join("kernel-host"), name.as_encoded_bytes())?;
+        }
+    }
     if dir.join("vmlinuz").exists() {
         return load_kernel(&dir);
     }

@@ -1,10 +1,13 @@
 //! End to end under QEMU: a real Linux guest (Debian's kernel, busybox, fio, iperf3) drives the
-//! daemons through QEMU's vhost-user-blk-pci and vhost-user virtio-net devices.
+//! daemons through QEMU's vhost-user-blk-pci, vhost-user virtio-net and generic vhost-user
+//! (console) devices, on every QEMU of the matrix: Debian 12's 7.2 and the newest QEMU in Debian
+//! (11.x from trixie-backports, run from a Debian 13 root, `vhost_user_tests::debroot`).
 //!
-//! Needs root, `qemu-system-x86_64`, and the packages .ci/run installs (qemu-system-x86,
-//! ipxe-qemu, seabios, fio, iperf3, busybox-static, cpio, iproute2); the first run downloads the
-//! guest kernel with `apt-get download` and caches the guest under `<target>/e2e-guest/`. The
-//! guest runs under TCG (no KVM needed), so the figures printed are low.
+//! Needs root, `qemu-system-x86_64`, debootstrap and the packages .ci/run installs
+//! (qemu-system-x86, ipxe-qemu, seabios, fio, iperf3, busybox-static, cpio, iproute2); the first
+//! run downloads the guest kernels with `apt-get download`, builds the Debian 13 root and caches
+//! both under `<target>/e2e-guest/`. A QEMU or kernel that cannot be had fails the tests that
+//! need it. The guest runs under TCG (no KVM needed), so the figures printed are low.
 //!
 //! Each test boots its own guest; the tests run one at a time (TCG guests are CPU-heavy). Each
 //! keeps its evidence in `<target>/e2e-logs/<test>/` (serial console, QEMU output, daemon logs,
