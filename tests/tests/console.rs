@@ -587,6 +587,18 @@ fn emergency_write_and_config_bounds() -> Result<()> {
     let mut got = [0u8; 3];
     client.read_exact(&mut got)?;
     assert_eq!(&got, b"SOS");
+    // QEMU 11's generic vhost-user device writes the whole config space (cols, rows,
+    // max_nr_ports, emerg_wr) for a guest's write to emerg_wr.
+    let mut whole = [0u8; 12];
+    whole[..2].copy_from_slice(&80u16.to_le_bytes());
+    whole[2..4].copy_from_slice(&24u16.to_le_bytes());
+    whole[4..8].copy_from_slice(&1u32.to_le_bytes());
+    whole[8..].copy_from_slice(&u32::from(b'!').to_le_bytes());
+    vmm.frontend
+        .set_config(0, VhostUserConfigFlags::WRITABLE, &whole)?;
+    let mut bang = [0u8; 1];
+    client.read_exact(&mut bang)?;
+    assert_eq!(&bang, b"!");
 
     // Exactly `size` bytes, also beyond the 12-byte config space (zeros there).
     assert_eq!(vmm.get_config(0, 12)?.len(), 12);

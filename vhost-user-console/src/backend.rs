@@ -574,10 +574,13 @@ impl VhostUserBackend for ConsoleBackend {
                 ))
             }
         }
-        if start == control::EMERG_WR_OFFSET {
-            if let Some(&byte) = buf.first() {
-                self.emergency_write(byte);
-            }
+        // QEMU's generic vhost-user device (11.x) forwards a guest's config write as the whole
+        // config space (offset 0, 12 bytes): take emerg_wr from wherever the write covers it.
+        let emerg = control::EMERG_WR_OFFSET
+            .checked_sub(start)
+            .and_then(|at| buf.get(at));
+        if let Some(&byte) = emerg {
+            self.emergency_write(byte);
         } else {
             log::debug!("ignoring a write to read-only config at {offset}");
         }
