@@ -476,11 +476,13 @@ impl Vm {
         }
         args.extend(config.devices.iter().cloned());
         // Where QEMU opens files besides /tmp: the kernel's and the logs' directories.
-        let binds: Vec<PathBuf> = [guest.kernel.parent(), initrd.parent(), Some(&logs.dir)]
+        let mut binds: Vec<PathBuf> = [guest.kernel.parent(), initrd.parent(), Some(&logs.dir)]
             .into_iter()
             .flatten()
             .map(Path::to_path_buf)
             .collect();
+        binds.sort();
+        binds.dedup();
         let command = config.qemu.command_line(&args, &binds);
         logs.note_command(&format!("# {}\n{command}", config.qemu.banner));
         let log = File::create(logs.path("qemu.log"))?;
