@@ -4,6 +4,10 @@
 # The guest runs fio and iperf3; the demo prints the results and the exact daemon and QEMU
 # command lines, and removes what it created (processes, network namespace) when it ends,
 # Ctrl-C included.
+#
+#   scripts/demo.sh               Debian 12's QEMU 7.2
+#   scripts/demo.sh --qemu 11     the newest QEMU in Debian (11.x from trixie-backports), run from
+#                                 a Debian 13 root built once with debootstrap (about a minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +22,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 packages=()
 # QEMU and its firmware; fio, iperf3 and ethtool are copied into the guest with busybox; cpio,
 # xz-utils and iproute2 build the guest and the network namespace.
-for p in qemu-system-x86 ipxe-qemu seabios fio iperf3 ethtool busybox-static cpio xz-utils iproute2; do
+# debootstrap: `scripts/demo.sh --qemu 11` runs the newest QEMU in Debian from a Debian 13 root.
+for p in qemu-system-x86 ipxe-qemu seabios fio iperf3 ethtool busybox-static cpio xz-utils iproute2 debootstrap; do
     installed "$p" || packages+=("$p")
 done
 if ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
@@ -47,4 +52,4 @@ fi
 
 echo "==> cargo build --release"
 cargo build --release
-exec "${CARGO_TARGET_DIR:-target}/release/vhost-user-demo"
+exec "${CARGO_TARGET_DIR:-target}/release/vhost-user-demo" "$@"

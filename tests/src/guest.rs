@@ -4,8 +4,12 @@
 //! Built once and cached under `<target>/e2e-guest/`:
 //!
 //! - `kernel-<package>_<version>/`: `vmlinuz` and the virtio modules (decompressed), from the
-//!   `linux-image-*-amd64` package that `linux-image-amd64` depends on (`apt-get download`).
-//! - `initrd-<kernel release>-<hash>.cpio`: an uncompressed newc archive. The hash covers the
+//!   `linux-image-*-amd64` package that `linux-image-amd64` depends on (`apt-get download`):
+//!   the host's release ([`GuestKernel::Host`], Debian 12's 6.1), or the newest Debian kernel
+//!   ([`GuestKernel::Newest`], trixie-backports, through the Debian 13 root's apt, see
+//!   [`crate::debroot`]). Newer kernels come split (`linux-binary-*`, `linux-modules-*`) and
+//!   build more in; each module's dependencies are read from its `.modinfo`.
+//! - `initrd-<host|newest>-<kernel release>-<hash>.cpio`: an uncompressed newc archive. The hash covers the
 //!   builder's version, the init script, the kernel, and the path, size and mtime of every host
 //!   file copied in, so upgrading fio (or the kernel) builds a new one.
 //!
@@ -81,6 +85,25 @@ echo "E2E done=1"
 poweroff -f
 "#;
 
+/// Which Debian kernel a guest boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestKernel {
+    /// The host's own release (Debian 12: 6.1), from the host's apt.
+    Host,
+    /// The newest kernel Debian ships (trixie-backports), from the Debian 13 root's apt
+    /// ([`crate::debroot`]).
+    Newest,
+}
+
+impl GuestKernel {
+    fn tag(self) -> &'static str {
+        match self {
+            GuestKernel::Host => "host",
+            GuestKernel::Newest => "newest",
+        }
+    }
+}
+
 /// A built guest: what `-kernel` and `-initrd` need.
 #[derive(Debug, Clone)]
 pub struct Guest {
@@ -92,11 +115,21 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// The guest for this process: built (or found in the cache) on first use.
+    /// The guest on the host's kernel for this process: built (or found in the cache) on
+    /// first use.
     pub fn get() -> Result<Guest> {
-        static GUEST: OnceLock<std::result::Result<Guest, String>> = OnceLock::new();
-        GUEST
-            .get_or_init(|| build(&cache_dir()).map_err(|e| e.to_string()))
+        Guest::with_kernel(GuestKernel::Host)
+    }
+
+    /// The guest on `which` kernel, built (or found in the cache) on first use.
+    pub fn with_kernel(which: GuestKernel) -> Result<Guest> {
+        type Built = std::sync::Mutex<BTreeMap<&'static str, std::result::Result<Guest, String>>>;
+        static GUESTS: OnceLock<Built> = OnceLock::new();
+        let guests = GUESTS.get_or_init(Default::default);
+        let mut guests = guests.lock().unwrap_or_else(|e| e.into_inner());
+        guests
+            .entry(which.tag())
+            .or_insert_with(|| build_with(&cache_dir(), which).map_err(|e| e.to_string()))
             .clone()
             .map_err(Into::into)
     }
@@ -134,12 +167,21 @@ pub fn target_dir() -> PathBuf {
     dir
 }
 
-/// Builds the guest in `cache` (or finds it there).
+/// Builds the guest on the host's kernel in `cache` (or finds it there).
 pub fn build(cache: &Path) -> Result<Guest> {
+    build_with(cache, GuestKernel::Host)
+}
+
+fn build_with(cache: &Path, which: GuestKernel) -> Result<Guest> {
     fs::create_dir_all(cache)?;
+    let apt = match which {
+        GuestKernel::Host => Apt::Host,
+        // Built before taking the guest lock (it has its own).
+        GuestKernel::Newest => Apt::Root(crate::debroot::DebRoot::get()?),
+    };
     let _lock = Lock::take(&cache.join(".lock"))?;
-    let kernel = kernel(cache)?;
-    let initrd = initrd(cache, &kernel)?;
+    let kernel = kernel(cache, &apt)?;
+    let initrd = initrd(cache, &kernel, which)?;
     Ok(Guest {
         kernel: kernel.dir.join("vmlinuz"),
         initrd,
@@ -178,6 +220,52 @@ pub(crate) fn run(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<St
     crate::netns::output_ok(&mut command)
 }
 
+/// Where kernel packages come from: the host's apt (Debian 12), or the Debian 13 root's with
+/// trixie-backports preferred.
+pub(crate) enum Apt {
+    Host,
+    Root(crate::debroot::DebRoot),
+}
+
+impl Apt {
+    fn query(&self, args: &[&str]) -> Result<String> {
+        match self {
+            Apt::Host => run("apt-cache", args, None),
+            Apt::Root(root) => {
+                let mut all = vec!["-t", "trixie-backports"];
+                all.extend(args);
+                root.run("apt-cache", &all)
+            }
+        }
+    }
+
+    /// `apt-get download SPECS` into `dir` (a directory on the host).
+    fn download(&self, specs: &[String], dir: &Path) -> Result<()> {
+        let mut args = vec!["-q", "-o", "APT::Sandbox::User=root", "download"];
+        args.extend(specs.iter().map(String::as_str));
+        match self {
+            Apt::Host => run("apt-get", &args, Some(dir)).map(|_| ()),
+            Apt::Root(root) => {
+                // Downloaded inside the root's /var/tmp (the host's, bound), then moved.
+                let inside = tempfile::Builder::new()
+                    .prefix(".kernel-")
+                    .tempdir_in("/var/tmp")?;
+                let mut script = format!("cd '{}' && apt-get", inside.path().display());
+                for a in &args {
+                    script += &format!(" '{a}'");
+                }
+                root.run("sh", &["-c", &script])?;
+                for deb in fs::read_dir(inside.path())?.filter_map(|e| e.ok().map(|e| e.path())) {
+                    if let Some(name) = deb.file_name() {
+                        fs::copy(&deb, dir.join(name))?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The kernel and modules, unpacked.
 struct Kernel {
     dir: PathBuf,
@@ -186,29 +274,41 @@ struct Kernel {
     modules: Vec<String>,
 }
 
-/// The versioned kernel package `linux-image-amd64` currently points to, and its version.
-pub(crate) fn resolve_kernel_package() -> Result<(String, String)> {
+/// The versioned kernel package `linux-image-amd64` currently points to, its version, and the
+/// packages holding its files (itself; Debian's newest kernels split the image into
+/// `linux-binary-*` and `linux-modules-*`).
+pub(crate) fn resolve_kernel_package(apt: &Apt) -> Result<(String, String, Vec<String>)> {
     let hint = "is the apt index there? run `apt-get update` (or .ci/run)";
-    let deps = run("apt-cache", &["depends", "linux-image-amd64"], None)
-        .map_err(|e| format!("{e} ({hint})"))?;
-    let package = deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends:"))
-        .map(str::trim)
-        .find(|p| p.starts_with("linux-image-") && !p.starts_with('<'))
-        .ok_or_else(|| format!("apt-cache depends linux-image-amd64: no kernel package ({hint})"))?
-        .to_string();
-    let show = run(
-        "apt-cache",
-        &["show", "--no-all-versions", package.as_str()],
-        None,
-    )?;
+    let depends = |package: &str| -> Result<Vec<String>> {
+        let deps = apt
+            .query(&["depends", package])
+            .map_err(|e| format!("{e} ({hint})"))?;
+        Ok(deps
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends:"))
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.starts_with('<'))
+            .collect())
+    };
+    let package = depends("linux-image-amd64")?
+        .into_iter()
+        .find(|p| p.starts_with("linux-image-"))
+        .ok_or_else(|| {
+            format!("apt-cache depends linux-image-amd64: no kernel package ({hint})")
+        })?;
+    let show = apt.query(&["show", "--no-all-versions", package.as_str()])?;
     let version = show
         .lines()
         .find_map(|l| l.strip_prefix("Version:"))
         .map(|v| v.trim().to_string())
         .ok_or_else(|| format!("apt-cache show {package}: no Version"))?;
-    Ok((package, version))
+    let mut files = vec![package.clone()];
+    files.extend(
+        depends(&package)?
+            .into_iter()
+            .filter(|p| p.starts_with("linux-binary-") || p.starts_with("linux-modules-")),
+    );
+    Ok((package, version, files))
 }
 
 pub(crate) fn sanitize(text: &str) -> String {
@@ -223,13 +323,40 @@ pub(crate) fn sanitize(text: &str) -> String {
         .collect()
 }
 
+/// The modules `MODULE.ko(.xz|.zst|.gz)` needs loaded first: its `.modinfo` section's
+/// `depends=a,b` string (what `modinfo -F depends` prints; read here so the host needs no kmod).
+fn module_depends(path: &Path) -> Result<Vec<String>> {
+    let plain = tempfile::NamedTempFile::new()?;
+    decompress_module(path, plain.path())?;
+    let bytes = fs::read(plain.path())?;
+    let key = b"\0depends=";
+    let Some(at) = bytes.windows(key.len()).position(|w| w == key) else {
+        return Ok(Vec::new());
+    };
+    let value = &bytes[at + key.len()..];
+    let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+    Ok(String::from_utf8_lossy(&value[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 /// Finds or builds `kernel-<package>_<version>/`. Without an apt index, falls back to a kernel
 /// already in the cache.
-fn kernel(cache: &Path) -> Result<Kernel> {
-    let (package, version) = match resolve_kernel_package() {
+fn kernel(cache: &Path, apt: &Apt) -> Result<Kernel> {
+    let (package, version, debs) = match resolve_kernel_package(apt) {
         Ok(found) => found,
         Err(e) => {
-            let cached = newest_cached_kernel(cache);
+            // Offline: the host kernel used last time (the cache also holds the newest one).
+            let cached = match apt {
+                Apt::Host => fs::read_to_string(cache.join("kernel-host"))
+                    .ok()
+                    .map(|name| cache.join(name.trim()))
+                    .filter(|dir| dir.join("vmlinuz").exists())
+                    .or_else(|| newest_cached_kernel(cache)),
+                Apt::Root(_) => None,
+            };
             match cached {
                 Some(dir) => return load_kernel(&dir),
                 None => return Err(e),
@@ -241,6 +368,11 @@ fn kernel(cache: &Path) -> Result<Kernel> {
         sanitize(&package),
         sanitize(&version)
     ));
+    if let Apt::Host = apt {
+        if let Some(name) = dir.file_name() {
+            fs::write(cache.join("kernel-host"), name.as_encoded_bytes())?;
+        }
+    }
     if dir.join("vmlinuz").exists() {
         return load_kernel(&dir);
     }
@@ -251,80 +383,125 @@ fn kernel(cache: &Path) -> Result<Kernel> {
     let tmp = tempfile::Builder::new()
         .prefix(".kernel-")
         .tempdir_in(cache)?;
-    let spec = format!("{package}={version}");
-    run(
-        "apt-get",
-        &[
-            "-q",
-            "-o",
-            "APT::Sandbox::User=root",
-            "download",
-            spec.as_str(),
-        ],
-        Some(tmp.path()),
-    )
-    .map_err(|e| format!("{e} (run `apt-get update`, or .ci/run)"))?;
-    let deb = fs::read_dir(tmp.path())?
+    let specs: Vec<String> = debs.iter().map(|p| format!("{p}={version}")).collect();
+    apt.download(&specs, tmp.path())
+        .map_err(|e| format!("{e} (run `apt-get update`, or .ci/run)"))?;
+    let debs: Vec<PathBuf> = fs::read_dir(tmp.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or("apt-get download left no .deb")?;
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    if debs.is_empty() {
+        return Err("apt-get download left no .deb".into());
+    }
     let root = tmp.path().join("root");
     fs::create_dir(&root)?;
+    // Modules come in dependency order: MODULES, each preceded by what `modinfo` says it needs
+    // (newer kernels add dependencies). A module not shipped as a file is built in.
+    let mut wanted: Vec<String> = MODULES.iter().map(|m| m.to_string()).collect();
     let mut patterns = vec![
         "./boot/vmlinuz-*".to_string(),
+        "*/vmlinuz".to_string(),
         "*/modules.builtin".to_string(),
     ];
-    patterns.extend(MODULES.iter().map(|m| format!("*/{m}.ko*")));
-    extract_deb(&deb, &root, &patterns)?;
-    fs::remove_file(&deb)?;
+    let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut builtin = String::new();
+    let mut order: Vec<String> = Vec::new();
+    for _round in 0..4 {
+        patterns.extend(wanted.iter().map(|m| format!("*/{m}.ko*")));
+        for deb in &debs {
+            extract_deb(deb, &root, &patterns)?;
+        }
+        walk(&root, &mut |path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let Some(name) = name {
+                if name == "modules.builtin" {
+                    builtin = fs::read_to_string(path).unwrap_or_default();
+                } else if let Some((module, _)) = name.split_once(".ko") {
+                    files.insert(module.replace('-', "_"), path.to_path_buf());
+                }
+            }
+        })?;
+        // Depth-first: dependencies before dependents.
+        fn visit(
+            m: &str,
+            files: &BTreeMap<String, PathBuf>,
+            order: &mut Vec<String>,
+            missing: &mut Vec<String>,
+            depth: usize,
+        ) -> Result<()> {
+            if order.iter().any(|o| o == m) || depth > 16 {
+                return Ok(());
+            }
+            if let Some(path) = files.get(m) {
+                for dep in module_depends(path)? {
+                    let dep = dep.replace('-', "_");
+                    if files.contains_key(&dep) {
+                        visit(&dep, files, order, missing, depth + 1)?;
+                    } else {
+                        missing.push(dep);
+                    }
+                }
+                order.push(m.to_string());
+            }
+            Ok(())
+        }
+        order.clear();
+        let mut missing = Vec::new();
+        for module in MODULES {
+            visit(module, &files, &mut order, &mut missing, 0)?;
+        }
+        missing.retain(|m| !wanted.contains(m));
+        if missing.is_empty() {
+            break;
+        }
+        wanted = missing;
+    }
+    for deb in &debs {
+        fs::remove_file(deb)?;
+    }
 
     let out = tmp.path().join("out");
     fs::create_dir_all(out.join("modules"))?;
-    let vmlinuz = fs::read_dir(root.join("boot"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .ok_or_else(|| format!("{package}: no /boot/vmlinuz-*"))?;
-    let release = vmlinuz
-        .file_name()
-        .map(|n| {
-            n.to_string_lossy()
-                .trim_start_matches("vmlinuz-")
-                .to_string()
-        })
-        .unwrap_or_default();
-    fs::rename(&vmlinuz, out.join("vmlinuz"))?;
-
-    let mut files = BTreeMap::new();
-    let mut builtin = String::new();
+    let mut vmlinuz = None;
     walk(&root, &mut |path| {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if let Some(name) = name {
-            if name == "modules.builtin" {
-                builtin = fs::read_to_string(path).unwrap_or_default();
-            } else if let Some((module, _)) = name.split_once(".ko") {
-                files.insert(module.to_string(), path.to_path_buf());
-            }
+        if name.is_some_and(|n| n == "vmlinuz" || n.starts_with("vmlinuz-")) {
+            vmlinuz = Some(path.to_path_buf());
         }
     })?;
-    let mut order = Vec::new();
+    let vmlinuz = vmlinuz.ok_or_else(|| format!("{package}: no vmlinuz"))?;
+    // /boot/vmlinuz-RELEASE, or /usr/lib/modules/RELEASE/vmlinuz.
+    let release = match vmlinuz
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    {
+        Some(n) if n.starts_with("vmlinuz-") => n.trim_start_matches("vmlinuz-").to_string(),
+        _ => vmlinuz
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    fs::rename(&vmlinuz, out.join("vmlinuz"))?;
+
+    for module in &order {
+        if let Some(path) = files.get(module) {
+            decompress_module(path, &out.join("modules").join(format!("{module}.ko")))?;
+        }
+    }
     for module in MODULES {
-        match files.get(module) {
-            Some(path) => {
-                decompress_module(path, &out.join("modules").join(format!("{module}.ko")))?;
-                order.push(module.to_string());
-            }
-            None if builtin
-                .lines()
-                .any(|l| l.ends_with(&format!("/{module}.ko"))) => {}
-            None if module == "virtio_pci_legacy_dev" || module == "virtio_pci_modern_dev" => {}
-            None => {
-                return Err(
-                    format!("{package}: module {module} neither a file nor built in").into(),
-                )
-            }
+        let known_builtin = builtin
+            .lines()
+            .any(|l| l.ends_with(&format!("/{module}.ko")));
+        // Newer packages ship no modules.builtin: a module that is no file is built in there
+        // (the guest's init reports a missing driver, and the tests fail on the missing device).
+        if !files.contains_key(module)
+            && !known_builtin
+            && !builtin.is_empty()
+            && module != "virtio_pci_legacy_dev"
+            && module != "virtio_pci_modern_dev"
+        {
+            return Err(format!("{package}: module {module} neither a file nor built in").into());
         }
     }
     fs::write(out.join("modules/order"), order.join("\n") + "\n")?;
@@ -383,7 +560,13 @@ pub(crate) fn extract_deb(deb: &Path, dir: &Path, patterns: &[String]) -> Result
         .output()
         .map_err(|e| format!("cannot run tar: {e}"))?;
     let dpkg_status = dpkg.wait()?;
-    if !dpkg_status.success() || !tar.status.success() {
+    // A pattern no file matches is fine: the kernel's files are spread over several packages
+    // (and the caller checks for what it needs).
+    let stderr = String::from_utf8_lossy(&tar.stderr);
+    let only_unmatched = stderr
+        .lines()
+        .all(|l| l.contains("Not found in archive") || l.contains("Exiting with failure status"));
+    if !dpkg_status.success() || !(tar.status.success() || only_unmatched) {
         return Err(format!(
             "extracting {}: dpkg-deb {dpkg_status}, tar {}: {}",
             deb.display(),
@@ -540,13 +723,13 @@ fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// 64-bit FNV-1a: a stable hash for cache keys.
-struct Fnv(u64);
+pub(crate) struct Fnv(pub(crate) u64);
 
 impl Fnv {
-    fn new() -> Fnv {
+    pub(crate) fn new() -> Fnv {
         Fnv(0xcbf2_9ce4_8422_2325)
     }
-    fn add(&mut self, bytes: &[u8]) {
+    pub(crate) fn add(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
@@ -605,7 +788,7 @@ fn initrd_contents(cache: &Path, kernel: &Kernel) -> Result<Contents> {
 }
 
 /// Finds or builds the base initramfs for `kernel`.
-fn initrd(cache: &Path, kernel: &Kernel) -> Result<PathBuf> {
+fn initrd(cache: &Path, kernel: &Kernel, which: GuestKernel) -> Result<PathBuf> {
     let files = initrd_contents(cache, kernel)?;
     let mut hash = Fnv::new();
     hash.add(BUILDER_VERSION.as_bytes());
@@ -616,7 +799,8 @@ fn initrd(cache: &Path, kernel: &Kernel) -> Result<PathBuf> {
         hash.add(&mode.to_le_bytes());
         hash.add_file(host)?;
     }
-    let path = cache.join(format!("initrd-{}-{:016x}.cpio", kernel.release, hash.0));
+    let flavour = format!("initrd-{}-", which.tag());
+    let path = cache.join(format!("{flavour}{}-{:016x}.cpio", kernel.release, hash.0));
     if path.exists() {
         return Ok(path);
     }
@@ -652,10 +836,10 @@ fn initrd(cache: &Path, kernel: &Kernel) -> Result<PathBuf> {
         Err(_) if path.exists() => {}
         Err(e) => return Err(format!("{}: {e}", path.display()).into()),
     }
-    // Older builds (another kernel, an upgraded fio) are 90 MB each: drop them.
+    // Older builds of this flavour (another kernel, an upgraded fio) are 90 MB each: drop them.
     for old in fs::read_dir(cache)?.filter_map(|e| e.ok().map(|e| e.path())) {
         let name = old.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| n.starts_with("initrd-") && n.ends_with(".cpio")) && old != path {
+        if name.is_some_and(|n| n.starts_with(&flavour) && n.ends_with(".cpio")) && old != path {
             let _ = fs::remove_file(&old);
         }
     }

@@ -13,8 +13,10 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::debroot::DebRoot;
 use crate::guest::{find_program, target_dir, Guest};
 use crate::Result;
 
@@ -27,6 +29,140 @@ pub fn qemu_binary() -> Result<PathBuf> {
             .into()
     })
 }
+
+/// The QEMU releases the end-to-end suite runs on: the ones Debian users have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QemuVersion {
+    /// Debian 12's own QEMU (`/usr/bin/qemu-system-x86_64`).
+    Qemu72,
+    /// The newest QEMU in Debian (11.x from Debian 13's trixie-backports), run from a Debian 13
+    /// root ([`crate::debroot`]).
+    Qemu11,
+}
+
+impl QemuVersion {
+    pub const ALL: [QemuVersion; 2] = [QemuVersion::Qemu72, QemuVersion::Qemu11];
+
+    /// What `--version` must start with.
+    fn banner_prefix(self) -> &'static str {
+        match self {
+            QemuVersion::Qemu72 => "QEMU emulator version 7.2",
+            QemuVersion::Qemu11 => "QEMU emulator version 11.",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            QemuVersion::Qemu72 => "qemu72",
+            QemuVersion::Qemu11 => "qemu11",
+        }
+    }
+}
+
+/// One QEMU release, found (or built) and checked, and how its command line is spelled.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub version: QemuVersion,
+    /// The first line of `qemu-system-x86_64 --version`.
+    pub banner: String,
+    root: Option<DebRoot>,
+}
+
+impl Qemu {
+    /// QEMU `version`, or an error saying why it is not there (a failure, not a skip: every
+    /// version of the matrix is meant to run). Built and checked once per process.
+    pub fn get(version: QemuVersion) -> Result<Qemu> {
+        type Found = Mutex<BTreeMap<&'static str, std::result::Result<Qemu, String>>>;
+        static FOUND: OnceLock<Found> = OnceLock::new();
+        let found = FOUND.get_or_init(Default::default);
+        let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
+        found
+            .entry(version.label())
+            .or_insert_with(|| Qemu::find(version).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Into::into)
+    }
+
+    fn find(version: QemuVersion) -> Result<Qemu> {
+        let mut qemu = Qemu {
+            version,
+            banner: String::new(),
+            root: match version {
+                QemuVersion::Qemu72 => {
+                    qemu_binary()?;
+                    None
+                }
+                QemuVersion::Qemu11 => Some(DebRoot::get()?),
+            },
+        };
+        let out = crate::netns::output_ok(&mut qemu.command(&["--version".to_string()], &[]))?;
+        qemu.banner = out.lines().next().unwrap_or("").trim().to_string();
+        if !qemu.banner.starts_with(version.banner_prefix()) {
+            return Err(format!(
+                "expected {} but `qemu-system-x86_64 --version` says {:?}",
+                version.banner_prefix(),
+                qemu.banner
+            )
+            .into());
+        }
+        Ok(qemu)
+    }
+
+    /// The command running QEMU with `args`; `binds` are directories QEMU opens files in
+    /// besides /dev, /proc, /sys, /tmp and /var/tmp (mounted at the same paths in the root).
+    /// QEMU's PID is the child's.
+    pub fn command(&self, args: &[String], binds: &[PathBuf]) -> Command {
+        match &self.root {
+            None => {
+                let mut c = Command::new(qemu_binary().unwrap_or_else(|_| PathBuf::from(QEMU_72)));
+                c.args(args);
+                c
+            }
+            Some(root) => root.command("/usr/bin/qemu-system-x86_64", args, binds),
+        }
+    }
+
+    /// The command line of [`Qemu::command`], for logs and for users to copy.
+    pub fn command_line(&self, args: &[String], binds: &[PathBuf]) -> String {
+        let c = self.command(args, binds);
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        command_line(&c.get_program().to_string_lossy(), &args)
+    }
+
+    /// The `-chardev socket` option that makes QEMU reconnect to a restarted backend after a
+    /// second: `reconnect=1` until QEMU 9.1, `reconnect-ms=1000` from 9.2 (11 refuses the
+    /// former).
+    pub fn reconnect(&self) -> &'static str {
+        match self.version {
+            QemuVersion::Qemu72 => "reconnect=1",
+            QemuVersion::Qemu11 => "reconnect-ms=1000",
+        }
+    }
+
+    /// Extra `virtio-net-pci` options: QEMU 7.2 under TCG crashes when the guest starts a
+    /// vhost-user-net device with MSI-X (`vectors=0`: the guest uses INTx); 11 does not.
+    pub fn net_vectors(&self) -> &'static str {
+        match self.version {
+            QemuVersion::Qemu72 => ",vectors=0",
+            QemuVersion::Qemu11 => "",
+        }
+    }
+
+    /// The generic vhost-user PCI device (the only way to attach vhost-user-console): 7.2 has
+    /// none, 8.2-9.x `vhost-user-device-pci`, 10.0 has it but not user-creatable, 10.1+
+    /// `vhost-user-test-device-pci`.
+    pub fn generic_device(&self) -> Option<&'static str> {
+        match self.version {
+            QemuVersion::Qemu72 => None,
+            QemuVersion::Qemu11 => Some("vhost-user-test-device-pci"),
+        }
+    }
+}
+
+const QEMU_72: &str = "qemu-system-x86_64";
 
 /// Escapes a path for a QEMU option value (a comma is written twice).
 pub fn qemu_path(path: &Path) -> String {
@@ -208,6 +344,10 @@ pub struct Vm {
 /// How a VM is set up besides the guest itself.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The QEMU that runs it (and spells the options).
+    pub qemu: Qemu,
+    /// Let a guest reboot (`reboot -f` restarts it) instead of QEMU exiting (`-no-reboot`).
+    pub allow_reboot: bool,
     /// The shell script the guest runs (as `/e2e/test.sh`).
     pub script: String,
     /// Device arguments (`-chardev ... -device ...`).
@@ -220,8 +360,10 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    pub fn new(script: impl Into<String>) -> VmConfig {
+    pub fn new(qemu: &Qemu, script: impl Into<String>) -> VmConfig {
         VmConfig {
+            qemu: qemu.clone(),
+            allow_reboot: false,
             script: script.into(),
             devices: Vec::new(),
             cpus: 2,
@@ -232,7 +374,11 @@ impl VmConfig {
 
     /// A vhost-user-blk disk on `socket` with `queues` queues.
     pub fn blk(mut self, socket: &Path, queues: u16, reconnect: bool) -> VmConfig {
-        let reconnect = if reconnect { ",reconnect=1" } else { "" };
+        let reconnect = if reconnect {
+            format!(",{}", self.qemu.reconnect())
+        } else {
+            String::new()
+        };
         self.devices.extend([
             "-chardev".into(),
             format!("socket,id=blk0,path={}{reconnect}", qemu_path(socket)),
@@ -242,9 +388,9 @@ impl VmConfig {
         self
     }
 
-    /// A vhost-user virtio-net device on `socket` with `pairs` queue pairs. `vectors=0`: QEMU
-    /// 7.2 under TCG crashes when the guest starts a vhost-user-net device with MSI-X (the
-    /// guest uses INTx instead). `romfile=`: no iPXE option ROM (saves seconds of boot).
+    /// A vhost-user virtio-net device on `socket` with `pairs` queue pairs (with `vectors=0` on
+    /// QEMU 7.2, see [`Qemu::net_vectors`]). `romfile=`: no iPXE option ROM (saves seconds of
+    /// boot).
     pub fn net(mut self, socket: &Path, pairs: u16, mac: &str) -> VmConfig {
         let mq = if pairs > 1 { ",mq=on" } else { "" };
         self.devices.extend([
@@ -253,9 +399,37 @@ impl VmConfig {
             "-netdev".into(),
             format!("vhost-user,id=n0,chardev=net0,queues={pairs}"),
             "-device".into(),
-            format!("virtio-net-pci,netdev=n0{mq},vectors=0,mac={mac},romfile="),
+            format!(
+                "virtio-net-pci,netdev=n0{mq}{},mac={mac},romfile=",
+                self.qemu.net_vectors()
+            ),
         ]);
         self
+    }
+
+    /// vhost-user-console on `socket` with `ports` ports (the console plus named ones) through
+    /// QEMU's generic vhost-user device: virtio id 3, rx/tx per port plus the two control
+    /// queues, and the 12-byte config space (cols, rows, max_nr_ports, emerg_wr).
+    pub fn console(mut self, socket: &Path, ports: u16, reconnect: bool) -> Result<VmConfig> {
+        let device = self.qemu.generic_device().ok_or_else(|| {
+            format!(
+                "{} has no generic vhost-user device: it cannot attach vhost-user-console",
+                self.qemu.banner
+            )
+        })?;
+        let reconnect = if reconnect {
+            format!(",{}", self.qemu.reconnect())
+        } else {
+            String::new()
+        };
+        let queues = 2 * (u32::from(ports) + 1);
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id=con0,path={}{reconnect}", qemu_path(socket)),
+            "-device".into(),
+            format!("{device},chardev=con0,virtio-id=3,num_vqs={queues},config_size=12"),
+        ]);
+        Ok(self)
     }
 }
 
@@ -263,7 +437,6 @@ impl Vm {
     /// Boots `guest` with `config`; the serial console goes to `<logs>/serial.log`, QEMU's own
     /// output to `<logs>/qemu.log`.
     pub fn start(guest: &Guest, config: &VmConfig, logs: &Logs) -> Result<Vm> {
-        let qemu = qemu_binary()?;
         let initrd_dir = tempfile::tempdir()?;
         let initrd = if config.keep_initrd {
             logs.path("initrd.cpio")
@@ -287,7 +460,6 @@ impl Vm {
             "node,memdev=mem".into(),
             "-nodefaults".into(),
             "-nographic".into(),
-            "-no-reboot".into(),
             "-monitor".into(),
             "none".into(),
             "-serial".into(),
@@ -299,17 +471,29 @@ impl Vm {
             "-append".into(),
             "console=ttyS0 panic=-1 loglevel=4 edd=off".into(),
         ];
+        if !config.allow_reboot {
+            args.push("-no-reboot".into());
+        }
         args.extend(config.devices.iter().cloned());
-        let command = command_line(&qemu.to_string_lossy(), &args);
-        logs.note_command(&command);
+        // Where QEMU opens files besides /tmp: the kernel's and the logs' directories.
+        let mut binds: Vec<PathBuf> = [guest.kernel.parent(), initrd.parent(), Some(&logs.dir)]
+            .into_iter()
+            .flatten()
+            .map(Path::to_path_buf)
+            .collect();
+        binds.sort();
+        binds.dedup();
+        let command = config.qemu.command_line(&args, &binds);
+        logs.note_command(&format!("# {}\n{command}", config.qemu.banner));
         let log = File::create(logs.path("qemu.log"))?;
-        let child = Command::new(&qemu)
-            .args(&args)
+        let child = config
+            .qemu
+            .command(&args, &binds)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+            .map_err(|e| format!("cannot start {}: {e}", config.qemu.banner))?;
         Ok(Vm {
             child,
             _initrd_dir: initrd_dir,
@@ -343,6 +527,30 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 return Err(format!("the guest did not report {key} within {timeout:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the guest has reported `key` `n` times (1 = the first), e.g. once per boot,
+    /// and returns the `n`th value.
+    pub fn wait_for_nth(&mut self, key: &str, n: usize, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = GuestOutput::parse(&self.serial_text());
+            if let Some((_, value)) = out.pairs.iter().filter(|(k, _)| k == key).nth(n - 1) {
+                return Ok(value.clone());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!(
+                    "QEMU exited ({status}) before the guest reported {key} (#{n})"
+                )
+                .into());
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    format!("the guest did not report {key} (#{n}) within {timeout:?}").into(),
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::guest::{
     decompress_module, extract_deb, find_program, rename_into_place, resolve_kernel_package, run,
-    sanitize, target_dir, Cpio, Lock,
+    sanitize, target_dir, Apt, Cpio, Lock,
 };
 use crate::qemu::{command_line, qemu_binary, qemu_path, Logs};
 use crate::Result;
@@ -289,7 +289,7 @@ pub fn make_payload(dir: &Path, out: &Path) -> Result<()> {
 
 /// Finds or builds `kernel-<package>_<version>/`.
 fn kernel(cache: &Path) -> Result<PathBuf> {
-    let (package, version) = resolve_kernel_package()?;
+    let (package, version, _) = resolve_kernel_package(&Apt::Host)?;
     let dir = cache.join(format!(
         "kernel-{}_{}",
         sanitize(&package),

@@ -463,14 +463,14 @@ fn pty_link_history_input_size_and_resize() -> Result<()> {
     send(&mut vmm, C_OVQ, &ctrl(0, PORT_READY, 1), 64)?;
     let msgs = cin.buffers(&mut vmm, 3)?;
     assert_eq!(parse_ctrl(&msgs[0]), (0, CONSOLE_PORT, 1, vec![]));
-    // The initial size (80x24), as RESIZE: rows, then cols.
-    assert_eq!(parse_ctrl(&msgs[1]), (0, RESIZE, 0, vec![24, 0, 80, 0]));
+    // The initial size (80x24), as RESIZE: cols, then rows (the spec's layout).
+    assert_eq!(parse_ctrl(&msgs[1]), (0, RESIZE, 0, vec![80, 0, 24, 0]));
     assert_eq!(parse_ctrl(&msgs[2]), (0, PORT_OPEN, 1, vec![]));
 
     set_winsize(&tty, 132, 43)?;
     let resize = cin.buffers(&mut vmm, 1)?;
-    // Linux's layout: rows, then cols.
-    assert_eq!(parse_ctrl(&resize[0]), (0, RESIZE, 0, vec![43, 0, 132, 0]));
+    // cols, then rows.
+    assert_eq!(parse_ctrl(&resize[0]), (0, RESIZE, 0, vec![132, 0, 43, 0]));
     assert_eq!(cols_rows(&mut vmm)?, (132, 43));
     drop(d);
     assert!(!link.exists(), "the link is removed at exit");
@@ -587,6 +587,18 @@ fn emergency_write_and_config_bounds() -> Result<()> {
     let mut got = [0u8; 3];
     client.read_exact(&mut got)?;
     assert_eq!(&got, b"SOS");
+    // QEMU 11's generic vhost-user device writes the whole config space (cols, rows,
+    // max_nr_ports, emerg_wr) for a guest's write to emerg_wr.
+    let mut whole = [0u8; 12];
+    whole[..2].copy_from_slice(&80u16.to_le_bytes());
+    whole[2..4].copy_from_slice(&24u16.to_le_bytes());
+    whole[4..8].copy_from_slice(&1u32.to_le_bytes());
+    whole[8..].copy_from_slice(&u32::from(b'!').to_le_bytes());
+    vmm.frontend
+        .set_config(0, VhostUserConfigFlags::WRITABLE, &whole)?;
+    let mut bang = [0u8; 1];
+    client.read_exact(&mut bang)?;
+    assert_eq!(&bang, b"!");
 
     // Exactly `size` bytes, also beyond the 12-byte config space (zeros there).
     assert_eq!(vmm.get_config(0, 12)?.len(), 12);

@@ -789,22 +789,39 @@ fn sigkill_with_requests_really_in_flight_out_of_order() -> Result<()> {
     Ok(())
 }
 
-/// Under QEMU (Debian's 7.2, `reconnect=1`): a guest runs fio random writes at iodepth 32 with
-/// crc32c verification while the daemon is SIGKILLed and restarted three times. The disk is an
+/// Under QEMU 7.2 (Debian 12's kernel) and QEMU 11 (the newest Debian kernel): a guest runs
+/// fio random writes at iodepth 32 with crc32c verification while the daemon is SIGKILLed and
+/// restarted three times (QEMU reconnects: `reconnect=1` / `reconnect-ms`). The disk is an
 /// O_DIRECT file on a loop-mounted ext4, so io_uring completes requests out of order. Zero
 /// verification errors, no I/O error in the guest, and the job finishes (no request lost: the
 /// guest's driver has no timeout).
 #[test]
-fn qemu_guest_fio_verify_survives_repeated_sigkill() -> Result<()> {
+fn qemu72_guest_fio_verify_survives_repeated_sigkill() -> Result<()> {
+    use vhost_user_tests::guest::GuestKernel;
+    use vhost_user_tests::qemu::QemuVersion;
+    guest_fio_verify_survives_repeated_sigkill(QemuVersion::Qemu72, GuestKernel::Host)
+}
+
+#[test]
+fn qemu11_guest_fio_verify_survives_repeated_sigkill() -> Result<()> {
+    use vhost_user_tests::guest::GuestKernel;
+    use vhost_user_tests::qemu::QemuVersion;
+    guest_fio_verify_survives_repeated_sigkill(QemuVersion::Qemu11, GuestKernel::Newest)
+}
+
+fn guest_fio_verify_survives_repeated_sigkill(
+    version: vhost_user_tests::qemu::QemuVersion,
+    kernel: vhost_user_tests::guest::GuestKernel,
+) -> Result<()> {
     use vhost_user_tests::guest::Guest;
-    use vhost_user_tests::qemu::{ensure, FioTerse, Logs, Vm, VmConfig};
-    const NAME: &str = "inflight_qemu_guest_fio_verify_survives_repeated_sigkill";
+    use vhost_user_tests::qemu::{ensure, FioTerse, Logs, Qemu, Vm, VmConfig};
     const FIO_SIZE: u64 = 32 << 20;
     const TIMEOUT: Duration = Duration::from_secs(300);
-    let logs = Logs::new(NAME)?;
+    let name = format!("inflight_{version:?}_guest_fio_verify_survives_repeated_sigkill");
+    let logs = Logs::new(&name)?;
     let result = (|| -> Result<()> {
-        vhost_user_tests::qemu::qemu_binary()?;
-        let guest = Guest::get()?;
+        let qemu = Qemu::get(version)?;
+        let guest = Guest::with_kernel(kernel)?;
         let fs = Ext4::new()?;
         let disk = fs.mnt().join("disk.img");
         File::create(&disk)?.set_len(48 << 20)?;
@@ -836,7 +853,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
             tempfile::tempdir()?,
         )?];
         let mut kept = vec![logs.keep(&daemons[0].log, "vhost-user-blk.0.log")];
-        let config = VmConfig::new(script).blk(&socket, 2, true);
+        let config = VmConfig::new(&qemu, script).blk(&socket, 2, true);
         let mut vm = Vm::start(&guest, &config, &logs)?;
         vm.wait_for("io_running", TIMEOUT)?;
         for round in 1..=3 {
@@ -868,7 +885,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
             .iter()
             .filter(|d| d.log_text().contains("request(s) to resubmit"))
             .count();
-        eprintln!("{NAME}: {resumed} of 3 restarts resubmitted requests left in flight");
+        eprintln!("{name}: {resumed} of 3 restarts resubmitted requests left in flight");
         let fio = FioTerse::parse(out.get("fio")?)?;
         ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
             format!(
@@ -898,7 +915,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         Ok(())
     })();
     if let Err(e) = result {
-        panic!("{NAME} failed: {e}\n{}", logs.report());
+        panic!("{name} failed: {e}\n{}", logs.report());
     }
     Ok(())
 }

@@ -240,6 +240,9 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot);
+            // the library disables the rings, clears the features and calls reset_device().
+            | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
@@ -258,6 +261,17 @@ impl VhostUserBackend for BlkBackend {
             }
         }
         Ok(())
+    }
+
+    fn reset_device(&self) {
+        // Rings and features are reset by the library; the next SET_FEATURES sets ours again.
+        // Requests still in flight finish first (QEMU normally stopped the rings already).
+        log::info!("device reset by the frontend");
+        for index in 0..self.workers.len() {
+            if let Some(mut worker) = self.worker(index) {
+                worker.drain();
+            }
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

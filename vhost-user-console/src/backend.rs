@@ -123,10 +123,14 @@ impl VhostUserBackend for ConsoleBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot);
+            // the library disables the rings, clears the features and calls reset_device().
+            | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn reset_device(&self) {
+        log::info!("device reset by the frontend");
         lock(&self.session).reset();
     }
 
@@ -151,10 +155,13 @@ impl VhostUserBackend for ConsoleBackend {
                 ))
             }
         }
-        if start == control::EMERG_WR_OFFSET {
-            if let Some(&byte) = buf.first() {
-                lock(&self.host).emergency_write(byte);
-            }
+        // QEMU's generic vhost-user device (11.x) forwards a guest's config write as the whole
+        // config space (offset 0, 12 bytes): take emerg_wr from wherever the write covers it.
+        let emerg = control::EMERG_WR_OFFSET
+            .checked_sub(start)
+            .and_then(|at| buf.get(at));
+        if let Some(&byte) = emerg {
+            lock(&self.host).emergency_write(byte);
         } else if self.config_log.allow() {
             log::debug!("ignoring a write to read-only config at {offset}");
         }

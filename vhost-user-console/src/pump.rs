@@ -652,7 +652,10 @@ mod tests {
         let path = dir.path().join("console.sock");
         let port = ok(HostPort::open(
             "console",
-            &EndpointSpec::Unix(path.clone()),
+            &EndpointSpec::Unix {
+                path: path.clone(),
+                access: crate::endpoint::FileAccess::ENDPOINT_DEFAULT,
+            },
             4096,
             None,
         ));

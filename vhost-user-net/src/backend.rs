@@ -310,9 +310,17 @@ impl VhostUserBackend for NetBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot);
+            // the library disables the rings, clears the features and calls reset_device().
+            | VhostUserProtocolFeatures::RESET_DEVICE
         // No CONFIGURE_MEM_SLOTS: QEMU (7.2 to 8.x) drives a multiqueue net device as one
         // vhost_dev per queue pair and sends every ADD_MEM_REG (and REM_MEM_REG) once per pair,
         // which the library refuses as overlapping regions. SET_MEM_TABLE is idempotent.
+    }
+
+    fn reset_device(&self) {
+        // Rings and features are reset by the library; the next SET_FEATURES sets ours again.
+        log::info!("device reset by the frontend");
     }
 
     fn set_event_idx(&self, _enabled: bool) {

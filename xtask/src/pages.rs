@@ -10,10 +10,10 @@ const SOCKET: &str = "The vhost-user socket is `--socket-path` {path}, created w
     unless `--socket-mode` and `--socket-group` say otherwise, or a listening socket the daemon \
     inherits: `--fd` {n}, or under systemd socket activation when neither option is given. The \
     socket is bound once: when the VMM disconnects (a guest reboot, a QEMU restart with \
-    `reconnect=1`) the next connection is accepted on the same socket, with fresh device state. \
-    A stale socket file left by a crashed instance is replaced; a socket that another process \
-    still serves is refused. The daemon never forks into the background and logs to standard \
-    error.";
+    `reconnect-ms=1000`, `reconnect=1` before QEMU 9.2) the next connection is accepted on the \
+    same socket, with fresh device state. A stale socket file left by a crashed instance is \
+    replaced; a socket that another process still serves is refused. The daemon never forks \
+    into the background and logs to standard error.";
 
 const SHARED_MEMORY: &str = "The guest's memory must be shared with the daemon: give QEMU a \
     `memory-backend-memfd` (or `memory-backend-file`) object with `share=on`, used as the \
@@ -247,8 +247,9 @@ fn examples(roff: &mut Roff, daemon: &Daemon) {
     match daemon.short {
         "blk" => {
             roff.para(
-                "Export a disk image with two queues, and attach QEMU to it (`reconnect=1` lets \
-                 QEMU find the daemon again after a restart):",
+                "Export a disk image with two queues, and attach QEMU to it (`reconnect-ms=1000` \
+                 lets QEMU find the daemon again after a restart; QEMU before 9.2, such as \
+                 Debian 12's 7.2, spells it `reconnect=1`):",
             )
             .example(&[
                 "truncate -s 4G /var/lib/vhost-user/disk.img",
@@ -257,7 +258,7 @@ fn examples(roff: &mut Roff, daemon: &Daemon) {
                 "qemu-system-x86_64 -machine q35,accel=kvm -m 1G \\",
                 "    -object memory-backend-memfd,id=mem,size=1G,share=on \\",
                 "    -numa node,memdev=mem \\",
-                "    -chardev socket,id=c0,path=/run/vub0.sock,reconnect=1 \\",
+                "    -chardev socket,id=c0,path=/run/vub0.sock,reconnect-ms=1000 \\",
                 "    -device vhost-user-blk-pci,chardev=c0,num-queues=2 ...",
             ])
             .para(
@@ -277,7 +278,7 @@ fn examples(roff: &mut Roff, daemon: &Daemon) {
                 "systemctl enable --now vhost-user-blk@vm1.socket",
                 "sock=/run/vhost-user/blk/vm1.sock",
                 "qemu-system-x86_64 ... \\",
-                "    -chardev socket,id=c0,path=$sock,reconnect=1 \\",
+                "    -chardev socket,id=c0,path=$sock,reconnect-ms=1000 \\",
                 "    -device vhost-user-blk-pci,chardev=c0,num-queues=2 ...",
             ]);
         }
@@ -293,7 +294,7 @@ fn examples(roff: &mut Roff, daemon: &Daemon) {
                 "qemu-system-x86_64 -machine q35,accel=kvm -m 1G \\",
                 "    -object memory-backend-memfd,id=mem,size=1G,share=on \\",
                 "    -numa node,memdev=mem \\",
-                "    -chardev socket,id=c1,path=/run/vun.sock,reconnect=1 \\",
+                "    -chardev socket,id=c1,path=/run/vun.sock,reconnect-ms=1000 \\",
                 "    -netdev vhost-user,id=n0,chardev=c1,queues=2 \\",
                 "    -device virtio-net-pci,netdev=n0,mq=on,mac=52:54:00:12:34:56",
             ])
@@ -328,12 +329,14 @@ fn examples(roff: &mut Roff, daemon: &Daemon) {
                 "socat -,raw,echo=0 UNIX-CONNECT:/run/vm1-console.sock",
             ])
             .para(
-                "QEMU 8.2 and later attach it with their generic vhost-user device \
-                 (`vhost-user-device-pci` in 8.2 to 9.x, `vhost-user-test-device-pci` in newer \
-                 releases); QEMU 7.2 has none. With {n} named ports, `num_vqs` is 2 x ({n} + 1):",
+                "QEMU attaches it with its generic vhost-user device: `vhost-user-device-pci` \
+                 in 8.2 to 9.x, `vhost-user-test-device-pci` in 10.1 and later; QEMU 7.2 has \
+                 none and 10.0's is not user-creatable. `num_vqs` is 2 x (ports + 1), counting \
+                 the console: 4 alone, 6 with one named port. No `reconnect-ms` on this chardev \
+                 (the generic device cannot start on a reconnecting one):",
             )
             .example(&[
-                "device=vhost-user-device-pci,chardev=vuc,virtio-id=3",
+                "device=vhost-user-test-device-pci,chardev=vuc,virtio-id=3",
                 "qemu-system-x86_64 -machine q35,accel=kvm -m 1G \\",
                 "    -object memory-backend-memfd,id=mem,size=1G,share=on \\",
                 "    -numa node,memdev=mem \\",

@@ -3,6 +3,10 @@
 //! network namespace the demo creates, 2 queue pairs). The guest runs fio and iperf3; the demo
 //! prints the results and the exact daemon and QEMU command lines, and removes everything it
 //! created when it ends, Ctrl-C included.
+//!
+//! `--qemu 7.2` (the default: Debian 12's own QEMU) or `--qemu 11` (the newest QEMU in Debian,
+//! from trixie-backports, run from a Debian 13 root the demo builds once with debootstrap; the
+//! guest then boots the newest Debian kernel). The command lines printed are that QEMU's.
 
 use std::fs;
 use std::process::ExitCode;
@@ -10,9 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vhost_user_tests::guest::Guest;
+use vhost_user_tests::guest::{Guest, GuestKernel};
 use vhost_user_tests::netns::{require_root, Background, Netns};
-use vhost_user_tests::qemu::{qemu_binary, FioTerse, GuestOutput, Logs, Vm, VmConfig};
+use vhost_user_tests::qemu::{FioTerse, GuestOutput, Logs, Qemu, QemuVersion, Vm, VmConfig};
 use vhost_user_tests::{binary, Daemon, Result};
 
 const NETNS_PREFIX: &str = "vudemo";
@@ -79,9 +83,38 @@ fn guest_script() -> String {
     s
 }
 
+/// `--qemu 7.2|11` (also `$VHOST_DEMO_QEMU`).
+fn qemu_choice() -> Result<(QemuVersion, GuestKernel)> {
+    let mut args = std::env::args().skip(1);
+    let mut choice = std::env::var("VHOST_DEMO_QEMU").unwrap_or_else(|_| "7.2".to_string());
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--qemu" => choice = args.next().ok_or("--qemu needs a version: 7.2 or 11")?,
+            other => match other.strip_prefix("--qemu=") {
+                Some(v) => choice = v.to_string(),
+                None => {
+                    return Err(format!(
+                        "unknown argument {other:?} (usage: vhost-user-demo [--qemu 7.2|11])"
+                    )
+                    .into())
+                }
+            },
+        }
+    }
+    match choice.as_str() {
+        "7.2" | "7" | "72" => Ok((QemuVersion::Qemu72, GuestKernel::Host)),
+        "11" => Ok((QemuVersion::Qemu11, GuestKernel::Newest)),
+        other => Err(format!("--qemu {other:?}: expected 7.2 or 11").into()),
+    }
+}
+
 fn run() -> Result<bool> {
+    let (version, kernel) = qemu_choice()?;
     require_root("the demo")?;
-    let qemu = qemu_binary()?;
+    if version == QemuVersion::Qemu11 {
+        println!("==> Preparing QEMU 11 (a Debian 13 root with trixie-backports' QEMU; built once, about a minute)");
+    }
+    let qemu = Qemu::get(version)?;
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [
         signal_hook::consts::SIGINT,
@@ -93,7 +126,7 @@ fn run() -> Result<bool> {
     Netns::remove_stale(NETNS_PREFIX);
 
     println!("==> Preparing the guest (Debian kernel + busybox, fio, iperf3; cached after the first run)");
-    let guest = Guest::get()?;
+    let guest = Guest::with_kernel(kernel)?;
     println!("    kernel {}, {}", guest.release, guest.initrd.display());
     let logs = Logs::new("demo")?;
     let work = tempfile::tempdir()?;
@@ -144,7 +177,7 @@ fn run() -> Result<bool> {
         ns.wait_for_listener(PORT + i, Duration::from_secs(10))?;
     }
 
-    let mut config = VmConfig::new(guest_script())
+    let mut config = VmConfig::new(&qemu, guest_script())
         .blk(&blk.socket, 2, false)
         .net(&net.socket, PAIRS, GUEST_MAC);
     config.keep_initrd = true;
@@ -166,7 +199,7 @@ fn run() -> Result<bool> {
     }
     println!(
         "  # the guest ({} under TCG; with KVM use accel=kvm)",
-        qemu.display()
+        qemu.banner
     );
     println!("  {}", vm.command);
     println!(
