@@ -7,10 +7,14 @@ pub mod chain;
 pub mod cli;
 pub mod logging;
 pub mod memory;
+pub mod sandbox;
+pub mod seccomp;
 pub mod serve;
 pub mod signals;
 
 pub use cli::{ListenArgs, ListenConfig, ListenSource};
+pub use sandbox::Needs;
+pub use seccomp::Profile;
 pub use serve::{bind, run, serve, BoundListener, DaemonBackend};
 
 /// Guest memory as the rust-vmm backend crates hand it to a backend (no dirty-page bitmap).

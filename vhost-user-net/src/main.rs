@@ -29,6 +29,13 @@ fn run(args: Args) -> Result<(), String> {
     vhost_user_common::run(
         "vhost-user-net",
         &config.listen,
+        // The tap stays in the host's network namespace, and so does the daemon: its tap
+        // fds would work from an empty one, but /proc/PID/net (the benchmark's counters) and
+        // operators' tools look at the daemon's namespace.
+        vhost_user_common::Needs {
+            host_network: true,
+            ..vhost_user_common::Needs::new(vhost_user_common::Profile::Net)
+        },
         || {},
         || Ok(NetBackend::new(config.clone(), tap.clone(), stats.clone())),
     )
