@@ -115,7 +115,7 @@ pub fn enter(
     let mut dirs: Vec<PathBuf> = socket
         .into_iter()
         .chain(needs.remove_at_exit.iter().map(PathBuf::as_path))
-        .filter_map(|path| absolute_parent(path))
+        .filter_map(absolute_parent)
         .collect();
     dirs.sort();
     dirs.dedup();
@@ -124,7 +124,7 @@ pub fn enter(
         Some(SandboxMode::Chroot) => enter_chroot()?,
         Some(SandboxMode::Namespace) => enter_namespaces(needs, &dirs)?,
         None => match enter_namespaces(needs, &dirs) {
-            Err(SandboxError::Unshare(e)) if e == nix::Error::EPERM => {
+            Err(SandboxError::Unshare(nix::Error::EPERM)) => {
                 log::warn!("sandbox off: this process may not create namespaces (needs CAP_SYS_ADMIN); pass --sandbox chroot or --sandbox none to choose explicitly");
             }
             other => other?,

@@ -54,9 +54,11 @@ enum Allow {
     Any(i64),
     /// Allowed when argument `arg` (32-bit compare) is one of `values`.
     ArgIn(i64, u8, Vec<u64>),
+    /// Allowed when every `(arg, value)` pair matches (32-bit compares).
+    ArgsAll(i64, Vec<(u8, u64)>),
 }
 
-use Allow::{Any, ArgIn};
+use Allow::{Any, ArgIn, ArgsAll};
 
 /// The system calls every daemon makes while serving.
 fn base() -> Vec<Allow> {
@@ -182,6 +184,11 @@ fn net() -> Vec<Allow> {
 
 fn console() -> Vec<Allow> {
     vec![
+        // TCP endpoints: TCP_NODELAY on each accepted client.
+        ArgsAll(
+            libc::SYS_setsockopt,
+            vec![(1, libc::IPPROTO_TCP as u64), (2, libc::TCP_NODELAY as u64)],
+        ),
         Any(libc::SYS_fsync),
         Any(libc::SYS_fdatasync),
         ArgIn(
@@ -205,6 +212,26 @@ const BLKDISCARD: u64 = 0x1277;
 const BLKGETSIZE64: u64 = 0x8008_1272;
 const BLKZEROOUT: u64 = 0x127f;
 
+/// Adds "all of `pairs` match" as one more way to allow `nr` (unless `nr` is allowed outright).
+fn add_rule(
+    rules: &mut BTreeMap<i64, Option<Vec<SeccompRule>>>,
+    nr: i64,
+    pairs: &[(u8, u64)],
+) -> Result<(), SeccompError> {
+    let Some(list) = rules.entry(nr).or_insert_with(|| Some(Vec::new())) else {
+        return Ok(());
+    };
+    let conditions = pairs
+        .iter()
+        .map(|&(arg, value)| {
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SeccompError::Build)?;
+    list.push(SeccompRule::new(conditions).map_err(SeccompError::Build)?);
+    Ok(())
+}
+
 impl Profile {
     fn allowlist(self) -> Vec<Allow> {
         let mut list = base();
@@ -222,7 +249,7 @@ impl Profile {
             .allowlist()
             .iter()
             .map(|allow| match allow {
-                Any(nr) | ArgIn(nr, ..) => *nr,
+                Any(nr) | ArgIn(nr, ..) | ArgsAll(nr, _) => *nr,
             })
             .collect();
         numbers.sort_unstable();
@@ -246,22 +273,11 @@ impl Profile {
                     rules.insert(nr, None);
                 }
                 ArgIn(nr, arg, values) => {
-                    let entry = rules.entry(nr).or_insert_with(|| Some(Vec::new()));
-                    if let Some(list) = entry {
-                        for value in values {
-                            let condition = SeccompCondition::new(
-                                arg,
-                                SeccompCmpArgLen::Dword,
-                                SeccompCmpOp::Eq,
-                                value,
-                            )
-                            .map_err(SeccompError::Build)?;
-                            list.push(
-                                SeccompRule::new(vec![condition]).map_err(SeccompError::Build)?,
-                            );
-                        }
+                    for value in values {
+                        add_rule(&mut rules, nr, &[(arg, value)])?;
                     }
                 }
+                ArgsAll(nr, pairs) => add_rule(&mut rules, nr, &pairs)?,
             }
         }
         let rules = rules
