@@ -130,10 +130,12 @@ pub fn enter(
             other => other?,
         },
     }
+    // The bounding set first: shrinking it needs CAP_SETPCAP, which --user takes away.
+    drop_bounding_set()?;
     if let Some(run_as) = config.run_as {
         switch_user(run_as)?;
     }
-    drop_capabilities()?;
+    clear_capabilities()?;
     set_no_new_privs()
 }
 
@@ -326,10 +328,10 @@ fn switch_user(run_as: RunAs) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Empties every capability set, the bounding set and the ambient set. Nothing the daemons do
-/// after start needs a capability: net's tap ioctls after start (TUNSETQUEUE, TUNSETOFFLOAD,
-/// TUNSETVNETHDRSZ) act on the tap fds it already holds and check none.
-pub fn drop_capabilities() -> Result<(), SandboxError> {
+/// Empties the ambient and bounding sets: no later execve or setuid can bring a capability
+/// back. Nothing the daemons do after start needs one: net's tap ioctls after start
+/// (TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ) act on tap fds it already holds and check none.
+fn drop_bounding_set() -> Result<(), SandboxError> {
     let last_error = || SandboxError::Capabilities(io::Error::last_os_error());
     // SAFETY: prctl with integer arguments only.
     if unsafe {
@@ -359,6 +361,11 @@ pub fn drop_capabilities() -> Result<(), SandboxError> {
             }
         }
     }
+    Ok(())
+}
+
+/// Empties the effective, permitted and inheritable sets.
+fn clear_capabilities() -> Result<(), SandboxError> {
     let mut header = libc_cap_header {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -373,7 +380,7 @@ pub fn drop_capabilities() -> Result<(), SandboxError> {
         )
     };
     if rc != 0 {
-        return Err(last_error());
+        return Err(SandboxError::Capabilities(io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -142,6 +142,26 @@ fn without_sandbox_and_seccomp_nothing_is_confined() -> Result<()> {
 }
 
 #[test]
+fn blk_runs_as_another_user() -> Result<()> {
+    let disk = blk_disk()?;
+    let path = disk.path().to_string_lossy();
+    let d = Daemon::start("vhost-user-blk", &["--file", &path, "--user", "nobody"])?;
+    blk_write_read(&d)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id()))?;
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+    let nobody = nix::unistd::User::from_name("nobody")?.ok_or("no user nobody")?;
+    let want = nobody.uid.as_raw().to_string();
+    assert!(uid.split_whitespace().skip(1).all(|id| id == want), "{uid}");
+    assert_eq!(confinement(&d)?, confined(), "{}", d.log_text());
+    // The socket's directory (a root-only temporary directory) is not nobody's: the socket
+    // stays behind, the exit is still clean.
+    let mut d = d;
+    let status = d.terminate()?;
+    assert!(status.success(), "exit status {status}: {}", d.log_text());
+    Ok(())
+}
+
+#[test]
 fn chroot_mode_and_log_mode() -> Result<()> {
     let disk = blk_disk()?;
     let path = disk.path().to_string_lossy();
