@@ -100,7 +100,9 @@ pub struct ListenConfig {
 }
 
 impl ListenConfig {
-    /// A socket with the default sandbox and seccomp settings.
+    /// A socket with the daemons' default sandbox and seccomp settings (both on: a program that
+    /// embeds [`crate::run`] next to threads of its own sets `sandbox.mode` to
+    /// `Some(SandboxMode::None)` and `seccomp` to `SeccompMode::None`).
     pub fn new(source: ListenSource) -> ListenConfig {
         ListenConfig {
             source,

@@ -79,8 +79,10 @@ impl Needs {
 /// Errors entering the sandbox, worded for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("--sandbox namespace: cannot create namespaces: {0} (needs CAP_SYS_ADMIN; use --sandbox chroot or none, or run as root)")]
+    #[error("--sandbox namespace: cannot create namespaces: {0} (needs CAP_SYS_ADMIN or unprivileged user namespaces; use --sandbox chroot or none, or run as root)")]
     Unshare(nix::Error),
+    #[error("--sandbox namespace: the process already runs several threads, so it cannot enter a mount namespace (a program embedding the daemon must pick --sandbox none or start it first)")]
+    Threads,
     #[error("--sandbox chroot: {0} (needs CAP_SYS_CHROOT; use --sandbox none)")]
     Chroot(String),
     #[error("sandbox: {what}: {source}")]
@@ -125,7 +127,7 @@ pub fn enter(
         Some(SandboxMode::Namespace) => enter_namespaces(needs, &dirs)?,
         None => match enter_namespaces(needs, &dirs) {
             Err(SandboxError::Unshare(nix::Error::EPERM)) => {
-                log::warn!("sandbox off: this process may not create namespaces (needs CAP_SYS_ADMIN); pass --sandbox chroot or --sandbox none to choose explicitly");
+                log::warn!("sandbox off: this process may not create namespaces (needs CAP_SYS_ADMIN or unprivileged user namespaces); pass --sandbox chroot or --sandbox none to choose explicitly");
             }
             other => other?,
         },
@@ -169,7 +171,18 @@ fn enter_namespaces(needs: &Needs, dirs: &[PathBuf]) -> Result<(), SandboxError>
             what: "/proc/thread-self/ns/mnt".into(),
             source,
         })?;
-    unshare(flags).map_err(SandboxError::Unshare)?;
+    let in_user_namespace = match unshare(flags) {
+        Ok(()) => false,
+        // Not privileged: a user namespace of our own (where the kernel allows unprivileged
+        // ones) gives the rights to build the rest, over nothing but our own mounts.
+        Err(nix::Error::EPERM) if !Uid::effective().is_root() => {
+            unshare(flags | CloneFlags::CLONE_NEWUSER).map_err(SandboxError::Unshare)?;
+            map_own_ids()?;
+            true
+        }
+        Err(nix::Error::EINVAL) => return Err(SandboxError::Threads),
+        Err(e) => return Err(SandboxError::Unshare(e)),
+    };
     let cwd = std::env::current_dir().ok();
     let result = build_root(dirs);
     if result.is_err() {
@@ -180,7 +193,8 @@ fn enter_namespaces(needs: &Needs, dirs: &[PathBuf]) -> Result<(), SandboxError>
     }
     result?;
     log::info!(
-        "sandbox: namespaces entered, empty root{}{}",
+        "sandbox: {}namespaces entered, empty root{}{}",
+        if in_user_namespace { "user and " } else { "" },
         if needs.host_network {
             ""
         } else {
@@ -193,6 +207,23 @@ fn enter_namespaces(needs: &Needs, dirs: &[PathBuf]) -> Result<(), SandboxError>
             format!(", keeping {}", list.join(", "))
         }
     );
+    Ok(())
+}
+
+/// In a new user namespace: our uid and gid map to themselves (files keep their owners), and
+/// setgroups is denied, as the kernel requires before an unprivileged gid_map.
+fn map_own_ids() -> Result<(), SandboxError> {
+    let (uid, gid) = (Uid::current().as_raw(), Gid::current().as_raw());
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{uid} {uid} 1")),
+        ("/proc/self/gid_map", format!("{gid} {gid} 1")),
+    ] {
+        std::fs::write(file, text).map_err(|source| SandboxError::Setup {
+            what: file.into(),
+            source,
+        })?;
+    }
     Ok(())
 }
 

@@ -162,6 +162,35 @@ fn blk_runs_as_another_user() -> Result<()> {
 }
 
 #[test]
+fn unprivileged_blk_sandboxes_itself_in_a_user_namespace() -> Result<()> {
+    let disk = blk_disk()?;
+    std::fs::set_permissions(
+        disk.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )?;
+    let path = disk.path().to_string_lossy();
+    // Started as nobody without capabilities; the socket's directory is made nobody's first
+    // ($3 is the socket path the fixture passes).
+    let prefix = [
+        "sh",
+        "-c",
+        "chmod 0777 \"${3%/*}\" && exec setpriv --reuid=nobody --regid=nogroup \
+         --clear-groups --inh-caps=-all --bounding-set=-all \"$@\"",
+        "sh",
+    ];
+    let d = Daemon::start_with_prefix(&prefix, "vhost-user-blk", &["--file", &path])?;
+    blk_write_read(&d)?;
+    assert!(
+        d.log_text()
+            .contains("sandbox: user and namespaces entered"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(confinement(&d)?, confined(), "{}", d.log_text());
+    terminates_cleanly(d)
+}
+
+#[test]
 fn chroot_mode_and_log_mode() -> Result<()> {
     let disk = blk_disk()?;
     let path = disk.path().to_string_lossy();
