@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::sandbox::{RunAs, SandboxConfig, SandboxMode};
+use crate::seccomp::SeccompMode;
+
 /// Errors found while validating the shared flags.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -24,6 +27,8 @@ pub enum CliError {
     ActivationCount(usize),
     #[error("systemd socket activation: {0}")]
     Activation(std::io::Error),
+    #[error("--user {0:?}: no such user on this system (check /etc/passwd)")]
+    NoSuchUser(String),
 }
 
 /// Flags that choose and shape the vhost-user socket, and the ones every daemon answers.
@@ -52,6 +57,25 @@ pub struct ListenArgs {
     /// Log level: off, error, warn, info, debug, trace [default: info; RUST_LOG also works].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
+
+    /// Confinement once set up: new namespaces with an empty root, or chroot into an empty
+    /// directory, or none; capabilities are dropped in every case [default: namespace,
+    /// or none with a warning when namespaces are not permitted].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub sandbox: Option<SandboxMode>,
+
+    /// System calls outside the daemon's allowlist: kill the process, log them (dmesg), or
+    /// no filter.
+    #[arg(long, value_enum, value_name = "ACTION", default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+
+    /// Run as this user (name or uid) once the socket, files and devices are open.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run as this group (name or gid) [default: the --user's primary group].
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
 }
 
 /// Where the listening socket comes from.
@@ -71,6 +95,21 @@ pub enum ListenSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenConfig {
     pub source: ListenSource,
+    pub sandbox: SandboxConfig,
+    pub seccomp: SeccompMode,
+}
+
+impl ListenConfig {
+    /// A socket with the daemons' default sandbox and seccomp settings (both on: a program that
+    /// embeds [`crate::run`] next to threads of its own sets `sandbox.mode` to
+    /// `Some(SandboxMode::None)` and `seccomp` to `SeccompMode::None`).
+    pub fn new(source: ListenSource) -> ListenConfig {
+        ListenConfig {
+            source,
+            sandbox: SandboxConfig::default(),
+            seccomp: SeccompMode::default(),
+        }
+    }
 }
 
 /// Parses a file mode in octal (`0660`, `660`, `0o660`), at most 0777.
@@ -91,6 +130,34 @@ pub fn lookup_group(name: &str) -> Result<u32, CliError> {
         Ok(Some(group)) => Ok(group.gid.as_raw()),
         _ => Err(CliError::NoSuchGroup(name.to_string())),
     }
+}
+
+/// `--user` / `--group` → the ids to switch to (looked up now: the sandbox has no /etc).
+fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, CliError> {
+    let user = match user {
+        None => None,
+        Some(name) => match name.parse::<u32>() {
+            Ok(uid) => Some((uid, nix::unistd::User::from_uid(uid.into()).ok().flatten())),
+            Err(_) => match nix::unistd::User::from_name(name) {
+                Ok(Some(entry)) => Some((entry.uid.as_raw(), Some(entry))),
+                _ => return Err(CliError::NoSuchUser(name.to_string())),
+            },
+        },
+    };
+    let gid = group.map(lookup_group).transpose()?;
+    Ok(match (user, gid) {
+        (None, None) => None,
+        (Some((uid, entry)), gid) => Some(RunAs {
+            uid,
+            gid: gid
+                .or(entry.map(|e| e.gid.as_raw()))
+                .unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+        }),
+        (None, Some(gid)) => Some(RunAs {
+            uid: nix::unistd::getuid().as_raw(),
+            gid,
+        }),
+    })
 }
 
 /// Sockets passed by systemd socket activation, if this process was started that way.
@@ -136,7 +203,14 @@ impl ListenArgs {
                 }
             }
         };
-        Ok(ListenConfig { source })
+        Ok(ListenConfig {
+            source,
+            sandbox: SandboxConfig {
+                mode: self.sandbox,
+                run_as: run_as(self.user.as_deref(), self.group.as_deref())?,
+            },
+            seccomp: self.seccomp,
+        })
     }
 }
 
@@ -164,9 +238,7 @@ mod tests {
         ));
         assert_eq!(
             args(None, Some(7)).listen_config().ok(),
-            Some(ListenConfig {
-                source: ListenSource::Fd(7)
-            })
+            Some(ListenConfig::new(ListenSource::Fd(7)))
         );
     }
 
@@ -190,6 +262,32 @@ mod tests {
         assert!(parse_mode("999").is_err());
         assert!(parse_mode("rw").is_err());
         assert!(parse_mode("1777").is_err());
+    }
+
+    #[test]
+    fn sandbox_and_seccomp_flags() {
+        let parse = |extra: &[&str]| {
+            #[derive(clap::Parser)]
+            struct Cli {
+                #[command(flatten)]
+                listen: ListenArgs,
+            }
+            let mut argv = vec!["d", "--socket-path", "/x"];
+            argv.extend_from_slice(extra);
+            <Cli as clap::Parser>::try_parse_from(argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| cli.listen.listen_config().map_err(|e| e.to_string()))
+        };
+        let defaults = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(defaults.seccomp, SeccompMode::Kill);
+        assert_eq!(defaults.sandbox, SandboxConfig::default());
+        let set = parse(&["--sandbox", "chroot", "--seccomp", "log", "--user", "0"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.sandbox.mode, Some(SandboxMode::Chroot));
+        assert_eq!(set.sandbox.run_as, Some(RunAs { uid: 0, gid: 0 }));
+        assert_eq!(set.seccomp, SeccompMode::Log);
+        assert!(parse(&["--seccomp", "maybe"]).is_err_and(|e| e.contains("--seccomp")));
+        assert!(parse(&["--user", "no-such-user-here"]).is_err_and(|e| e.contains("--user")));
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod logging;
 pub mod memory;
 pub mod ratelimit;
 pub mod ring;
+pub mod sandbox;
+pub mod seccomp;
 pub mod serve;
 pub mod sigbus;
 pub mod signals;
@@ -20,6 +22,8 @@ pub mod signals;
 pub mod testing;
 
 pub use cli::{ListenArgs, ListenConfig, ListenSource};
+pub use sandbox::Needs;
+pub use seccomp::Profile;
 pub use serve::{bind, run, serve, BoundListener, DaemonBackend};
 
 /// Guest memory as the rust-vmm backend crates hand it to a backend (no dirty-page bitmap).

@@ -7,10 +7,11 @@
 
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::sys::stat::{umask, Mode};
@@ -18,6 +19,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 
 use crate::cli::{ListenConfig, ListenSource};
+use crate::sandbox::Needs;
 use crate::{GuestMemory, GuestMemoryAtomic};
 
 /// Errors setting up or running the listener, each worded for the operator.
@@ -43,6 +45,10 @@ pub enum ServeError {
     Accept(String),
     #[error("cannot install the signal handlers: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// A listening socket, and the path to remove at exit if we created it.
@@ -101,7 +107,8 @@ fn bind_path(path: &Path, mode: u32, gid: Option<u32>) -> Result<BoundListener, 
     let listener = bind_with_mode(path, mode, gid)?;
     Ok(BoundListener {
         listener: Listener::from(listener),
-        created_path: Some(path.to_owned()),
+        // Absolute: the sandbox changes the working directory before the file is removed.
+        created_path: Some(std::path::absolute(path).unwrap_or_else(|_| path.to_owned())),
     })
 }
 
@@ -165,9 +172,41 @@ fn adopt_fd(fd: RawFd) -> Result<BoundListener, ServeError> {
     })
 }
 
+/// systemd's notification socket, connected before the sandbox hides its path.
+static NOTIFY: OnceLock<UnixDatagram> = OnceLock::new();
+
+/// Connects to `$NOTIFY_SOCKET` (when systemd started us with Type=notify) so that readiness
+/// can be sent from inside the sandbox, where the socket's path no longer exists.
+fn connect_notify_socket() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let connect = || -> io::Result<UnixDatagram> {
+        let socket = UnixDatagram::unbound()?;
+        match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                socket.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name)?)?
+            }
+            None => socket.connect(&path)?,
+        }
+        Ok(socket)
+    };
+    match connect() {
+        Ok(socket) => {
+            let _ = NOTIFY.set(socket);
+        }
+        Err(e) => log::warn!("NOTIFY_SOCKET {}: {e}", path.to_string_lossy()),
+    }
+}
+
 /// Tells systemd (when it started us with Type=notify) that the socket is ready.
 pub fn notify_ready() {
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+    let result = match NOTIFY.get() {
+        Some(socket) => socket.send(b"READY=1").map(drop),
+        None => sd_notify::notify(false, &[sd_notify::NotifyState::Ready]),
+    };
+    if let Err(e) = result {
         log::debug!("sd_notify READY=1 failed: {e}");
     }
 }
@@ -189,14 +228,16 @@ where
     }
 }
 
-/// A daemon's whole life after its device is ready: binds the socket, arranges for SIGTERM and
+/// A daemon's whole life after its device is ready: binds the socket, confines the process
+/// (sandbox, then seccomp, as `config` says and `needs` describes), arranges for SIGTERM and
 /// SIGINT to run `on_exit` and remove the socket we created, then serves frontends forever.
 ///
-/// `on_exit` is the device's last words (flush a disk, remove pty links); it also runs when the
-/// socket cannot be bound, so nothing the device created outlives a failed start.
+/// `on_exit` is the device's last words (flush a disk, remove pty links); it also runs when
+/// start-up fails after this point, so nothing the device created outlives a failed start.
 pub fn run<B, F, X>(
     name: &str,
     config: &ListenConfig,
+    needs: Needs,
     on_exit: X,
     new_backend: F,
 ) -> Result<(), ServeError>
@@ -206,35 +247,82 @@ where
     F: FnMut() -> io::Result<B>,
     X: FnOnce() + Send + 'static,
 {
-    // Handlers first: a SIGTERM sent as soon as the socket appears must find them installed.
-    // The socket's path is filled in once bound, so a signal before that removes nothing.
-    // `on_exit` runs once: on a signal, or here when binding fails.
+    // A mount namespace can only be entered by a process with one thread, so the signal
+    // thread starts after the sandbox. Until then SIGTERM and SIGINT are held pending (not
+    // lost, not fatal): one sent as soon as the socket appears still runs `on_exit`.
+    let held = hold_termination_signals().map_err(ServeError::Signals)?;
     let on_exit = Arc::new(Mutex::new(Some(on_exit)));
-    let created: Arc<Mutex<Option<PathBuf>>> = Arc::default();
-    let (exit_hook, to_remove) = (on_exit.clone(), created.clone());
-    crate::signals::exit_on_termination(move || {
-        if let Some(on_exit) = crate::lock(&exit_hook).take() {
+    let last_words = || {
+        if let Some(on_exit) = crate::lock(&on_exit).take() {
             on_exit();
         }
-        if let Some(path) = crate::lock(&to_remove).take() {
-            let _ = std::fs::remove_file(path);
-        }
-    })
-    .map_err(ServeError::Signals)?;
+    };
     let mut listener = match bind(config) {
         Ok(listener) => listener,
         Err(e) => {
-            if let Some(on_exit) = crate::lock(&on_exit).take() {
-                on_exit();
-            }
+            last_words();
             return Err(e);
         }
     };
     if let Some(path) = listener.created_path() {
         log::info!("listening on {}", path.display());
-        *crate::lock(&created) = Some(path.to_owned());
+    }
+    connect_notify_socket();
+    if let Err(e) = crate::sandbox::enter(&config.sandbox, &needs, listener.created_path()) {
+        last_words();
+        return Err(ServeError::Sandbox(e));
+    }
+    let (exit_hook, to_remove) = (on_exit.clone(), listener.created_path.clone());
+    crate::signals::exit_on_termination(move || {
+        if let Some(on_exit) = crate::lock(&exit_hook).take() {
+            on_exit();
+        }
+        if let Some(path) = to_remove {
+            let _ = std::fs::remove_file(path);
+        }
+    })
+    .map_err(ServeError::Signals)?;
+    release_termination_signals(&held).map_err(ServeError::Signals)?;
+    // Before the first worker thread; TSYNC covers the signal thread (and anything a library
+    // started earlier).
+    if let Err(e) = needs.syscalls.install(config.seccomp) {
+        last_words();
+        return Err(ServeError::Seccomp(e));
     }
     serve(name, &mut listener, new_backend)
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+/// Blocks SIGTERM and SIGINT in this thread; returns the signals to unblock later (those that
+/// were not already blocked).
+fn hold_termination_signals() -> io::Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+    let mut previous = SigSet::empty();
+    pthread_sigmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&termination_signals()),
+        Some(&mut previous),
+    )?;
+    let mut held = SigSet::empty();
+    for signal in termination_signals().iter() {
+        if !previous.contains(signal) {
+            held.add(signal);
+        }
+    }
+    Ok(held)
+}
+
+fn release_termination_signals(held: &nix::sys::signal::SigSet) -> io::Result<()> {
+    use nix::sys::signal::{pthread_sigmask, SigmaskHow};
+    pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(held), None)?;
+    Ok(())
 }
 
 /// Serves frontends one after another on `listener`, forever (until a signal ends the process).
@@ -300,13 +388,11 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn path_config(path: &Path, mode: u32) -> ListenConfig {
-        ListenConfig {
-            source: ListenSource::Path {
-                path: path.to_owned(),
-                mode,
-                gid: None,
-            },
-        }
+        ListenConfig::new(ListenSource::Path {
+            path: path.to_owned(),
+            mode,
+            gid: None,
+        })
     }
 
     #[test]
@@ -352,14 +438,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let file = std::fs::File::create(dir.path().join("f"))?;
         let fd = file.into_raw_fd();
-        let config = ListenConfig {
-            source: ListenSource::Fd(fd),
-        };
+        let config = ListenConfig::new(ListenSource::Fd(fd));
         assert!(matches!(bind(&config), Err(ServeError::BadFd { .. })));
         let listener = UnixListener::bind(dir.path().join("l.sock"))?;
-        let config = ListenConfig {
-            source: ListenSource::Fd(listener.into_raw_fd()),
-        };
+        let config = ListenConfig::new(ListenSource::Fd(listener.into_raw_fd()));
         let bound = bind(&config)?;
         assert_eq!(bound.created_path(), None);
         Ok(())

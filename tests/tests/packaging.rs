@@ -127,7 +127,7 @@ fn units_declare_activation_notify_and_hardening() -> Result<()> {
                 "EnvironmentFile",
                 format!("/etc/vhost-user/{daemon}/%i.conf"),
             ),
-            ("ExecStart", format!("/usr/bin/{name} $ARGS")),
+            ("ExecStart", format!("/usr/bin/{name} --sandbox none $ARGS")),
             ("Restart", "on-failure".to_string()),
             ("NoNewPrivileges", "yes".to_string()),
             ("ProtectSystem", "strict".to_string()),

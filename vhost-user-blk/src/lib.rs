@@ -75,7 +75,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
             log::error!("{}: flush at exit failed: {e}", exit_disk.path().display());
         }
     };
-    serve::run("vhost-user-blk", &config.listen, on_exit, || {
+    let needs = vhost_user_common::Needs::new(vhost_user_common::Profile::Blk);
+    serve::run("vhost-user-blk", &config.listen, needs, on_exit, || {
         Ok(BlkBackend::new(disk.clone(), settings.clone()))
     })?;
     Ok(())

@@ -60,13 +60,17 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // Endpoints first: once the vhost-user socket exists, the console is ready to attach.
     let host = Host::open(&config).map_err(RunError::Endpoint)?;
     let cleanup = host.cleanup_paths();
+    let needs = vhost_user_common::Needs {
+        remove_at_exit: cleanup.clone(),
+        ..vhost_user_common::Needs::new(vhost_user_common::Profile::Console)
+    };
     let on_exit = move || {
         for path in &cleanup {
             let _ = std::fs::remove_file(path);
         }
     };
     let host = Arc::new(Mutex::new(host));
-    vhost_user_common::run("vhost-user-console", &config.listen, on_exit, || {
+    vhost_user_common::run("vhost-user-console", &config.listen, needs, on_exit, || {
         Ok(ConsoleBackend::new(host.clone()))
     })?;
     Ok(())

@@ -70,9 +70,17 @@ pub fn run(config: Config) -> Result<(), RunError> {
     );
     let tap = Arc::new(tap);
     let stats = Arc::new(Stats::default());
+    // The tap stays in the host's network namespace, and so does the daemon: its tap fds would
+    // work from an empty one, but /proc/PID/net (the benchmark's counters) and operators' tools
+    // look at the daemon's namespace.
+    let needs = vhost_user_common::Needs {
+        host_network: true,
+        ..vhost_user_common::Needs::new(vhost_user_common::Profile::Net)
+    };
     serve::run(
         "vhost-user-net",
         &config.listen,
+        needs,
         || {},
         || Ok(NetBackend::new(config.clone(), tap.clone(), stats.clone())),
     )?;
