@@ -15,3 +15,5 @@ cargo test --workspace
 # daemon that dies or returns wrong data fails it). Full runs: README, "Benchmarks".
 cargo build --release --bins
 target/release/vhost-user-bench all --quick
+# Every fuzz target for a bounded time (FUZZ_SECONDS each; longer runs: README, "Fuzzing").
+scripts/fuzz.sh

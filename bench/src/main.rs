@@ -54,15 +54,12 @@ impl Options {
         }
     }
 
-    /// Path of one of our daemons.
+    /// Path of one of our daemons: in `--bin-dir`, or next to this program.
     pub fn daemon(&self, name: &str) -> PathBuf {
-        let dir = self.bin_dir.clone().unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(PathBuf::from))
-                .unwrap_or_default()
-        });
-        dir.join(name)
+        match &self.bin_dir {
+            Some(dir) => dir.join(name),
+            None => vhost_user_tests::binary_path(name),
+        }
     }
 
     /// Whether the case named `name` was selected with `--filter`.

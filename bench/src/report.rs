@@ -5,6 +5,38 @@ use std::time::Duration;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// The two subjects of the net and console benchmarks: our daemon and its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Ours,
+    Peer,
+}
+
+/// What a device benchmark calls its two subjects.
+#[derive(Debug, Clone, Copy)]
+pub struct Names {
+    pub ours: &'static str,
+    pub peer: &'static str,
+}
+
+impl Subject {
+    /// The subject's name in the device's table.
+    pub fn name(self, names: Names) -> &'static str {
+        match self {
+            Subject::Ours => names.ours,
+            Subject::Peer => names.peer,
+        }
+    }
+
+    /// A one-letter tag for file, namespace and interface names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Subject::Ours => "o",
+            Subject::Peer => "p",
+        }
+    }
+}
+
 /// What one subject (ours, a peer, the host) did in one case.
 #[derive(Debug, Clone, Default)]
 pub struct Measurement {

@@ -37,18 +37,30 @@ pub const DESC_F_INDIRECT: u16 = 4;
 
 /// Path of a workspace binary built next to the running test (`target/<profile>/<name>`).
 pub fn binary(name: &str) -> PathBuf {
-    let mut dir = std::env::current_exe().unwrap_or_default();
-    dir.pop(); // the test executable
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
+    let path = binary_path(name);
     assert!(
         path.exists(),
         "{} not built: run `cargo build --workspace --bins` before the tests",
         path.display()
     );
     path
+}
+
+/// Where [`binary`] looks for `name`, whether it is there or not (for programs that report a
+/// missing binary themselves).
+pub fn binary_path(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap_or_default();
+    dir.pop(); // the running executable
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A daemon process under test. Killed (SIGTERM, then SIGKILL) when dropped.
@@ -92,7 +104,6 @@ impl Daemon {
         socket: PathBuf,
         dir: tempfile::TempDir,
     ) -> Result<Daemon> {
-        let log = dir.path().join("daemon.log");
         let mut command = match prefix.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
@@ -101,17 +112,36 @@ impl Daemon {
             }
             None => Command::new(binary(bin)),
         };
-        // One open file description for both streams, so their writes append, not overwrite.
-        let log_file = File::create(&log)?;
-        let child = command
+        command
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "debug");
+        Self::start_command(command, socket, dir)
+    }
+
+    /// Starts a command the caller prepared in full (any program: a peer's daemon, a wrapper
+    /// that pins CPUs, its own way of passing the socket) with its output going to the log in
+    /// `dir`, and waits until `socket` exists. Nothing is added to its arguments or environment.
+    pub fn start_command(
+        mut command: Command,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Result<Daemon> {
+        let log = dir.path().join("daemon.log");
+        // One open file description for both streams, so their writes append, not overwrite.
+        let log_file = File::create(&log)?;
+        let child = command
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
-            .spawn()?;
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start {}: {e}",
+                    command.get_program().to_string_lossy()
+                )
+            })?;
         let mut daemon = Daemon {
             child,
             socket,
@@ -139,6 +169,16 @@ impl Daemon {
     /// Everything the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines the daemon logged.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_text(), lines)
+    }
+
+    /// The process's ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// True while the process runs.
