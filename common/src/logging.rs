@@ -96,6 +96,17 @@ pub fn fatal(program: &str, error: &dyn Display) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
+/// What a daemon's `main` returns: success, or the [`fatal`] line and exit status 1.
+pub fn exit_status(program: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            fatal(program, &e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The unit this process runs in (`vhost-user-blk@disk0.service`), from its cgroup.
 fn systemd_unit() -> Option<String> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;

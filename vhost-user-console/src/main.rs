@@ -12,11 +12,5 @@ fn main() -> ExitCode {
     let result = Config::try_from(args)
         .map_err(|e| e.to_string())
         .and_then(|config| run(config).map_err(|e| e.to_string()));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            vhost_user_common::logging::fatal("vhost-user-console", &e);
-            ExitCode::FAILURE
-        }
-    }
+    vhost_user_common::logging::exit_status("vhost-user-console", result)
 }
