@@ -83,6 +83,8 @@ fn base() -> Vec<Allow> {
         Any(libc::SYS_fcntl),
         Any(libc::SYS_fstat),
         Any(libc::SYS_newfstatat),
+        // The SIGBUS guard asks whether guest memory is on hugetlbfs (its page size).
+        Any(libc::SYS_fstatfs),
         Any(libc::SYS_statx),
         Any(libc::SYS_lseek),
         // The sandbox's root is empty: an open finds nothing there; std's

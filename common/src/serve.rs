@@ -283,6 +283,9 @@ where
     })
     .map_err(ServeError::Signals)?;
     release_termination_signals(&held).map_err(ServeError::Signals)?;
+    // The SIGBUS guard's pipe and watcher thread: after the sandbox (which wants a single
+    // thread), before the filter (which has no pipe2).
+    crate::sigbus::arm();
     // Before the first worker thread; TSYNC covers the signal thread (and anything a library
     // started earlier).
     if let Err(e) = needs.syscalls.install(config.seccomp) {
