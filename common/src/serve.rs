@@ -119,10 +119,19 @@ pub fn bind_with_mode(
     mode: u32,
     gid: Option<u32>,
 ) -> Result<UnixListener, ServeError> {
+    // The socket is bound and listening under a temporary name, then renamed into place: a
+    // client that sees the path (a VMM, a test waiting for it) never finds a socket that is
+    // not listening yet (bind(2) creates the file before listen(2)).
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
     // The umask makes the socket appear with at most `mode`: there is no moment in which a
     // wider mode would let someone else connect.
     let previous = umask(Mode::from_bits_truncate(!mode & 0o777));
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&staging);
     umask(previous);
     let listener = bound.map_err(|source| ServeError::Bind {
         path: path.to_owned(),
@@ -132,11 +141,22 @@ pub fn bind_with_mode(
         path: path.to_owned(),
         source,
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(permissions_error)?;
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| permissions_error(e.into()))?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .map_err(permissions_error)
+        .and_then(|()| match gid {
+            Some(gid) => nix::unistd::chown(&staging, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(|e| permissions_error(e.into())),
+            None => Ok(()),
+        })
+        .and_then(|()| {
+            std::fs::rename(&staging, path).map_err(|source| ServeError::Bind {
+                path: path.to_owned(),
+                source,
+            })
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
     Ok(listener)
 }
