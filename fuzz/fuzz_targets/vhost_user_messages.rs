@@ -34,13 +34,13 @@ struct State {
 fn state() -> State {
     let dir = tempfile::tempdir().expect("temporary directory");
     let socket = dir.path().join("blk.sock");
-    let listener = bind(&ListenConfig {
-        source: ListenSource::Path {
-            path: socket.clone(),
-            mode: 0o600,
-            gid: None,
-        },
-    })
+    // `bind` only binds: the sandbox and the seccomp filter are `run`'s, which this process
+    // (the fuzzer itself) does not call.
+    let listener = bind(&ListenConfig::new(ListenSource::Path {
+        path: socket.clone(),
+        mode: 0o600,
+        gid: None,
+    }))
     .expect("bind");
     let file = tempfile::NamedTempFile::new_in("/dev/shm")
         .or_else(|_| tempfile::NamedTempFile::new())
