@@ -79,7 +79,9 @@ fuzz_target!(|data: &[u8]| {
         let event_idx = flags & 1 != 0;
         // A fresh ring position for every input (as after SET_VRING_BASE).
         st.worker.drain();
-        st.queue.vring.set_queue_next_avail(u16::from(flags >> 1) & 0x3f);
+        st.queue
+            .vring
+            .set_queue_next_avail(u16::from(flags >> 1) & 0x3f);
         st.queue.vring.set_queue_next_used(0);
         st.queue.vring.set_queue_event_idx(event_idx);
         let vring = st.queue.vring.clone();

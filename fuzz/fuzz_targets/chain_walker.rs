@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let (control, memory) = data.split_at(12);
     let head = u16::from_le_bytes([control[0], control[1]]);
     let size = u16::from_le_bytes([control[2], control[3]]).clamp(1, 1024);
-    let offset = u64::from(u32::from_le_bytes([control[4], control[5], control[6], control[7]]));
+    let offset = u64::from(u32::from_le_bytes([
+        control[4], control[5], control[6], control[7],
+    ]));
     let len = usize::from(u16::from_le_bytes([control[8], control[9]]) & 0x1fff);
     let table = u64::from(control[10]) << 8;
     let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEM + 0x4000)]) else {
