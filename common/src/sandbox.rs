@@ -401,6 +401,21 @@ fn clear_capabilities() -> Result<(), SandboxError> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
+    let mut current = [libc_cap_data::default(); 2];
+    // SAFETY: capget writes two data structs (version 3) into `current`, which has room for
+    // them, and reads the header, which is ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut libc_cap_header,
+            current.as_mut_ptr(),
+        )
+    };
+    if rc == 0 && current == [libc_cap_data::default(); 2] {
+        // Nothing to clear (an unprivileged service): no capset, which systemd's
+        // `SystemCallFilter=~@privileged` answers with EPERM.
+        return Ok(());
+    }
     let data = [libc_cap_data::default(); 2];
     // SAFETY: capset reads one header and two data structs (version 3), both valid and ours.
     let rc = unsafe {
@@ -425,7 +440,7 @@ struct libc_cap_header {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct libc_cap_data {
     effective: u32,
     permitted: u32,
