@@ -1,7 +1,15 @@
 //! Small answers every device gives the vhost-user library the same way: config-space reads
 //! and the event ids of the device's own file descriptors.
 
+use std::time::Duration;
+
 use vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE;
+
+use crate::ratelimit::RateLimit;
+
+/// Reads past a device's config space are answered, and said (a frontend asks for its own
+/// idea of the layout), at a bounded rate.
+static PAST_THE_END: RateLimit = RateLimit::new(Duration::from_secs(1), 10);
 
 /// `size` bytes of the config space `space` from `offset`, zero past its end.
 ///
@@ -16,6 +24,13 @@ pub fn read_config(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
             log::warn!("config read of {size} bytes at {offset} is beyond the protocol's limit");
             return Vec::new();
         }
+    }
+    if u64::from(offset) + u64::from(size) > space.len() as u64 {
+        PAST_THE_END.warn(format_args!(
+            "config read of {size} bytes at {offset} is outside the config space ({} bytes): \
+             the rest reads as zeros",
+            space.len()
+        ));
     }
     let mut out = vec![0u8; size as usize];
     let start = (offset as usize).min(space.len());

@@ -25,7 +25,7 @@ impl Default for RateLimit {
 }
 
 impl RateLimit {
-    pub fn new(interval: Duration, burst: u32) -> RateLimit {
+    pub const fn new(interval: Duration, burst: u32) -> RateLimit {
         RateLimit {
             interval,
             burst,
