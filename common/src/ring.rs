@@ -254,34 +254,47 @@ impl<H: RingHooks> Ring<H> {
                 return None;
             }
             let next = queue.next_avail();
-            let avail = match queue.avail_idx(mem, Ordering::Acquire) {
-                Ok(avail) => avail.0,
+            // One read of the available index on the common path (virtio-queue's iterator
+            // makes it); the index is read again only to tell why nothing was taken.
+            let taken = match queue.iter(mem) {
+                Ok(mut iter) => iter.next(),
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => None,
                 Err(e) => {
                     drop(state);
                     self.mark_broken(RingBroken::Unreadable(e.to_string()));
                     return None;
                 }
             };
-            if avail == next {
-                return None;
-            }
-            let size = queue.size();
-            let ahead = avail.wrapping_sub(next);
-            if ahead > size {
-                drop(state);
-                self.mark_broken(RingBroken::AvailTooFarAhead {
-                    avail,
-                    next,
-                    ahead,
-                    size,
-                });
-                return None;
-            }
-            match queue.iter(mem) {
-                Ok(mut iter) => iter.next().ok_or_else(|| {
-                    RingBroken::Unreadable(format!("entry {next} of the available ring"))
-                }),
-                Err(e) => Err(RingBroken::Unreadable(e.to_string())),
+            match taken {
+                Some(chain) => Ok(chain),
+                None => match queue.avail_idx(mem, Ordering::Acquire) {
+                    Ok(avail) if avail.0 == next => return None,
+                    Ok(avail) => {
+                        let (avail, size) = (avail.0, queue.size());
+                        let ahead = avail.wrapping_sub(next);
+                        if ahead > size {
+                            Err(RingBroken::AvailTooFarAhead {
+                                avail,
+                                next,
+                                ahead,
+                                size,
+                            })
+                        } else {
+                            // Entries arrived after the iterator's read, or the entry cannot
+                            // be read: a second try tells them apart.
+                            queue
+                                .iter(mem)
+                                .ok()
+                                .and_then(|mut iter| iter.next())
+                                .ok_or_else(|| {
+                                    RingBroken::Unreadable(format!(
+                                        "entry {next} of the available ring"
+                                    ))
+                                })
+                        }
+                    }
+                    Err(e) => Err(RingBroken::Unreadable(e.to_string())),
+                },
             }
         };
         match taken {
