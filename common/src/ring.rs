@@ -141,10 +141,6 @@ impl<H: RingHooks> Ring<H> {
         &self.vring
     }
 
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
     pub fn hooks_mut(&mut self) -> &mut H {
         &mut self.hooks
     }
