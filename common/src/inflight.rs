@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserInflight;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -482,7 +482,7 @@ impl crate::ring::RingHooks for QueueTracker {
 /// recovery is not due or the ring is not ready.
 pub fn start_ring(
     tracker: &mut QueueTracker,
-    vring: &VringRwLock<crate::GuestMemoryAtomic>,
+    vring: &crate::Vring,
     mem: &GuestMemory,
 ) -> Vec<(u16, Result<ChainBuffers, ChainError>)> {
     if !tracker.needs_recovery() {

@@ -26,10 +26,15 @@ pub use sandbox::Needs;
 pub use seccomp::Profile;
 pub use serve::{bind, run, serve, BoundListener, DaemonBackend};
 
-/// Guest memory as the rust-vmm backend crates hand it to a backend (no dirty-page bitmap).
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+/// The dirty-page log of a guest memory region: empty until the frontend sends SET_LOG_BASE
+/// (live migration), then every write through vm-memory marks its pages.
+pub type DirtyBitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+/// Guest memory as the rust-vmm backend crates hand it to a backend, with its dirty-page log.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 /// The atomically swappable view of guest memory the frontend updates with SET_MEM_TABLE.
 pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;
+/// A virtqueue as the backend library keeps it, over that memory.
+pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic>;
 
 /// Locks `mutex`, recovering from poisoning: a panic in one worker must not take the whole
 /// device down, and the device state behind these locks stays usable.

@@ -15,11 +15,12 @@
 //! - [`RingHooks`] are called at those moments: inflight tracking records taken heads and
 //!   clears returned ones, dirty-page logging marks what the device wrote.
 
+use crate::Vring;
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -96,7 +97,7 @@ impl<H: RingHooks> RingHooks for Option<H> {
 
 /// A virtqueue of the device, with its pending used entries and its hooks.
 pub struct Ring<H = NoHooks> {
-    vring: VringRwLock,
+    vring: Vring,
     label: String,
     broken: Option<RingBroken>,
     used: Vec<UsedElem>,
@@ -118,14 +119,14 @@ impl<H> fmt::Debug for Ring<H> {
 
 impl Ring<NoHooks> {
     /// `label` names the ring in log lines ("queue 0", "pair 1 RX").
-    pub fn new(vring: VringRwLock, label: impl Into<String>) -> Ring {
+    pub fn new(vring: Vring, label: impl Into<String>) -> Ring {
         Ring::with_hooks(vring, label, NoHooks)
     }
 }
 
 impl<H: RingHooks> Ring<H> {
     /// A ring whose two moments are also reported to `hooks`.
-    pub fn with_hooks(vring: VringRwLock, label: impl Into<String>, hooks: H) -> Ring<H> {
+    pub fn with_hooks(vring: Vring, label: impl Into<String>, hooks: H) -> Ring<H> {
         Ring {
             vring,
             label: label.into(),
@@ -137,7 +138,7 @@ impl<H: RingHooks> Ring<H> {
         }
     }
 
-    pub fn vring(&self) -> &VringRwLock {
+    pub fn vring(&self) -> &Vring {
         &self.vring
     }
 

@@ -233,7 +233,7 @@ pub fn notify_ready() {
 
 /// A device the serve loop can run. The loop shares it with the worker threads as `Arc<Self>`
 /// and creates a fresh one per frontend connection.
-pub trait DaemonBackend: VhostUserBackend<Bitmap = ()> + Sized + 'static
+pub trait DaemonBackend: VhostUserBackend<Bitmap = crate::DirtyBitmap> + Sized + 'static
 where
     Self::Vring: Clone + Send + Sync,
 {

@@ -1,12 +1,13 @@
 //! A guest driver for in-process tests of the device cores' queue loops: guest memory, a
-//! virtqueue the test fills with chains (virtio-queue's mock driver), and the `VringRwLock`
+//! virtqueue the test fills with chains (virtio-queue's mock driver), and the `Vring`
 //! the vhost-user library would hand the device. No socket, no root. (Feature `test-utils`.)
 
+use crate::Vring;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
@@ -23,7 +24,7 @@ pub const BUFFERS: u64 = 0x1_0000;
 /// One virtqueue driven by the test, over its own guest memory.
 pub struct TestQueue {
     pub mem: GuestMemoryAtomic,
-    pub vring: VringRwLock,
+    pub vring: Vring,
     driver: MockSplitQueue<'static, GuestMemory>,
     next_desc: u16,
     call: File,
@@ -39,7 +40,7 @@ impl TestQueue {
         ));
         let driver = MockSplitQueue::new(mem, size);
         let atomic = GuestMemoryAtomic::new(mem.clone());
-        let vring = VringRwLock::new(atomic.clone(), size).unwrap_or_else(|e| panic!("vring: {e}"));
+        let vring = Vring::new(atomic.clone(), size).unwrap_or_else(|e| panic!("vring: {e}"));
         vring.set_queue_size(size);
         vring
             .set_queue_info(

@@ -10,11 +10,12 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use vhost_user_common::Vring;
 
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vhost_user_common::device::{read_config, DeviceEvents};
 use vhost_user_common::inflight;
 use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemoryAtomic};
@@ -214,8 +215,8 @@ pub fn device_features(readonly: bool) -> u64 {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhost_user_common::DirtyBitmap;
+    type Vring = vhost_user_common::Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.settings.num_queues)
@@ -340,7 +341,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

@@ -11,8 +11,8 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vhost_user_common::Vring;
 
-use vhost_user_backend::VringRwLock;
 use vhost_user_common::chain::{ChainBuffers, ChainError};
 use vhost_user_common::inflight::{self, QueueTracker};
 use vhost_user_common::ring::{Ring, RingHooks};
@@ -91,7 +91,7 @@ impl QueueWorker {
     }
 
     /// The worker's ring, made on the first event for it.
-    fn attach(&mut self, vring: &VringRwLock) {
+    fn attach(&mut self, vring: &Vring) {
         if self.ring.is_none() {
             let label = format!("queue {}", self.index);
             self.ring = Some(Ring::with_hooks(vring.clone(), label, self.inflight.take()));
@@ -115,7 +115,7 @@ impl QueueWorker {
     /// The guest kicked (or the ring became ready): takes every available chain, executes or
     /// submits it, then completes what is done; with polling, keeps looking for more work for
     /// that long before going back to sleep.
-    pub fn process(&mut self, vring: &VringRwLock, event_idx: bool) {
+    pub fn process(&mut self, vring: &Vring, event_idx: bool) {
         self.attach(vring);
         let (Some(atomic), Some(mut ring)) = (self.mem.clone(), self.ring.take()) else {
             return;
@@ -235,7 +235,7 @@ impl QueueWorker {
     }
 
     /// The executor's eventfd fired: collects completions and returns them to the guest.
-    pub fn reap(&mut self, vring: &VringRwLock) {
+    pub fn reap(&mut self, vring: &Vring) {
         self.attach(vring);
         self.executor.reap(&self.ctx, &mut self.completions);
         self.complete_now();

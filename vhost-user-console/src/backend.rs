@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vhost_user_common::device::{read_config, DeviceEvents};
 use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
@@ -97,8 +97,8 @@ impl ConsoleBackend {
 }
 
 impl VhostUserBackend for ConsoleBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock<GuestMemoryAtomic>;
+    type Bitmap = vhost_user_common::DirtyBitmap;
+    type Vring = vhost_user_common::Vring;
 
     fn num_queues(&self) -> usize {
         control::num_queues(self.num_ports)

@@ -20,8 +20,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
+use vhost_user_common::Vring;
 
-use vhost_user_backend::VringRwLock;
 use vhost_user_common::chain::ChainBuffers;
 use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::ring::Ring;
@@ -265,7 +265,7 @@ impl Session {
 
     /// Takes the device's vrings (the first time: the library hands the same ones to every
     /// event).
-    pub fn attach(&mut self, vrings: &[VringRwLock]) {
+    pub fn attach(&mut self, vrings: &[Vring]) {
         if self.rings.len() != vrings.len() {
             self.rings = vrings
                 .iter()
@@ -610,7 +610,7 @@ mod tests {
     struct Fixture {
         mem: &'static GuestMemory,
         queues: Vec<GuestQueue>,
-        vrings: Vec<VringRwLock>,
+        vrings: Vec<Vring>,
         session: Session,
         host: Host,
         client: UnixStream,
@@ -634,7 +634,7 @@ mod tests {
         for q in 0..4u64 {
             let mock = MockSplitQueue::create(mem, GuestAddress(q * 0x1000), SIZE);
             let used = GuestAddress(0x8000 + q * 0x1000);
-            let vring = ok(VringRwLock::new(atomic.clone(), SIZE));
+            let vring = ok(Vring::new(atomic.clone(), SIZE));
             vring.set_queue_size(SIZE);
             ok(vring.set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, used.0));
             vring.set_queue_ready(true);

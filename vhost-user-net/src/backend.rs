@@ -10,9 +10,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use vhost_user_common::Vring;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vhost_user_common::device::{read_config, DeviceEvents};
 use vhost_user_common::ring::Ring;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
@@ -207,7 +208,7 @@ impl NetBackend {
     }
 
     /// Everything one worker does for one event, with its pair locked.
-    fn handle(&self, index: usize, event: u16, evset: EventSet, vrings: &[VringRwLock]) {
+    fn handle(&self, index: usize, event: u16, evset: EventSet, vrings: &[Vring]) {
         let (Some(pair), Some(tap)) = (self.pairs.get(index), self.tap.queues.get(index)) else {
             return;
         };
@@ -274,8 +275,8 @@ fn event_set(interest: TapInterest) -> EventSet {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhost_user_common::DirtyBitmap;
+    type Vring = vhost_user_common::Vring;
 
     fn num_queues(&self) -> usize {
         2 * usize::from(self.config.queue_pairs)
@@ -387,7 +388,7 @@ impl VhostUserBackend for NetBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         self.handle(thread_id, device_event, evset, vrings);

@@ -415,9 +415,9 @@ mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::{Arc, Mutex};
 
-    use vhost_user_backend::{VringRwLock, VringT};
+    use vhost_user_backend::VringT;
     use vhost_user_common::lock;
-    use vhost_user_common::GuestMemoryAtomic;
+    use vhost_user_common::{GuestMemoryAtomic, Vring};
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
     };
@@ -552,7 +552,7 @@ mod tests {
         mem.read_obj(at).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn call_eventfd(vring: &VringRwLock) -> File {
+    fn call_eventfd(vring: &Vring) -> File {
         // SAFETY: eventfd has no memory arguments; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
@@ -572,7 +572,7 @@ mod tests {
         label: &str,
     ) -> (Ring<Option<Published>>, Driver) {
         let queue = MockSplitQueue::create(mem, GuestAddress(at), SIZE);
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap_or_else(|e| panic!("{e}"));
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap_or_else(|e| panic!("{e}"));
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(queue.desc_table_addr().0, queue.avail_addr().0, used.0)
