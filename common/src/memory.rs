@@ -3,10 +3,14 @@
 //! mmap happily maps a file range that extends past the end of the file; touching those pages
 //! later kills the daemon with SIGBUS. A hostile or buggy frontend must get an error instead.
 //! A file that shrinks after the check is survived by [`crate::sigbus`].
+//!
+//! Also: marking guest memory dirty for live migration when the device wrote it by other means
+//! than vm-memory's accessors (io_uring, `readv` from a tap, raw copies).
 
 use std::io;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::GuestMemory;
 
@@ -37,6 +41,29 @@ pub fn check_backing(mem: &GuestMemory) -> io::Result<()> {
     }
     crate::sigbus::guard(mem);
     Ok(())
+}
+
+/// Marks `len` bytes at `addr` dirty in the migration log, across regions. Writes through
+/// vm-memory (`write_obj`, `VolatileSlice` copies, used-ring updates) mark themselves; this is
+/// for the rest. Bytes outside guest memory are ignored (the write could not have happened).
+/// Does nothing until the frontend has sent SET_LOG_BASE.
+pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
+    let mut addr = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some(region) = mem.find_region(addr) else {
+            return;
+        };
+        let offset = addr.0 - region.start_addr().0;
+        let in_region = usize::try_from(region.len() - offset).unwrap_or(usize::MAX);
+        let n = left.min(in_region);
+        region.bitmap().mark_dirty(offset as usize, n);
+        left -= n;
+        let Some(next) = addr.0.checked_add(n as u64) else {
+            return;
+        };
+        addr = GuestAddress(next);
+    }
 }
 
 #[cfg(test)]
