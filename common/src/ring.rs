@@ -600,6 +600,31 @@ mod tests {
     }
 
     #[test]
+    fn chains_are_taken_in_batches_up_to_the_limit() {
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let mut ring = Ring::with_hooks(queue.vring.clone(), "queue 0", Recorder(recorded.clone()));
+        add_chains(&mut queue, 5);
+        let mem = queue.memory();
+        let mut heads = Vec::new();
+        assert_eq!(ring.pop_batch(&mem, 3, |c| heads.push(c.head_index())), 3);
+        assert_eq!(ring.pop_batch(&mem, 3, |c| heads.push(c.head_index())), 2);
+        assert_eq!(heads, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            crate::lock(&recorded).taken,
+            heads,
+            "every chain goes through the hook"
+        );
+        assert_eq!(ring.pop_batch(&mem, 3, |_| {}), 0);
+        // The batch found the ring dry and re-armed kicks at the next entry, like `pop`.
+        assert_eq!(queue.avail_event(), 5);
+        // A far-ahead available index breaks the ring through a batch too.
+        queue.set_avail_idx(5 + SIZE + 1);
+        assert_eq!(ring.pop_batch(&mem, 3, |_| {}), 0);
+        assert!(ring.is_broken());
+    }
+
+    #[test]
     fn chains_finished_while_the_ring_stops_are_still_returned() {
         let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
         let mut ring = ring(&queue);
