@@ -658,4 +658,39 @@ mod tests {
         ring.complete(&mem);
         assert!(!queue.signalled());
     }
+
+    #[test]
+    fn what_the_device_wrote_is_marked_in_the_log_before_publish() {
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let mut ring = ring(&queue);
+        let head = queue.add_chain(&[
+            (0x3_0000, 0x100, false),
+            (0x4_0000, 0x800, true),
+            (0x5_0000, 0x2000, true),
+        ]);
+        let mem = queue.memory();
+        let chain = ring
+            .pop(&mem)
+            .map(|chain| ChainBuffers::parse(chain, &mem, 16));
+        let Some(Ok(buffers)) = chain else {
+            panic!("the chain was not taken");
+        };
+        let log = crate::testing::TestLog::attach(&mem);
+        // A write across a page boundary: both pages.
+        ring.wrote(&mem, GuestAddress(0x2_0ff0), 0x20);
+        // The first 0x900 writable bytes: all of the first buffer, the first page of the
+        // second; the readable buffer is not the device's to write.
+        ring.wrote_writable(&mem, &buffers, 0x900);
+        // More than the chain holds: clamped to its writable part.
+        ring.wrote_writable(&mem, &buffers, u64::MAX);
+        assert_eq!(log.dirty_pages(), vec![0x20, 0x21, 0x40, 0x50, 0x51]);
+        // Publishing marks the used ring's page (vm-memory's own marking).
+        ring.push_used(head, 0x900);
+        ring.publish(&mem);
+        assert_eq!(
+            log.dirty_pages(),
+            vec![0x8, 0x20, 0x21, 0x40, 0x50, 0x51],
+            "the used ring is at 0x8000"
+        );
+    }
 }
