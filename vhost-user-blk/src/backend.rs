@@ -16,7 +16,9 @@ use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::device::{
+    read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
+};
 use vhost_user_common::inflight;
 use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::virtio_blk::*;
@@ -205,6 +207,8 @@ pub fn device_features(readonly: bool) -> u64 {
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_CONFIG_WCE
         | 1 << VIRTIO_BLK_F_MQ
+        // Live migration: every write to guest memory is logged while the frontend asks.
+        | MIGRATION_FEATURES
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if readonly {
         features |= 1 << VIRTIO_BLK_F_RO;
@@ -246,6 +250,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | MIGRATION_PROTOCOL_FEATURES
     }
 
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {

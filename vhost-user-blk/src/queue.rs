@@ -270,6 +270,12 @@ impl QueueWorker {
             return;
         }
         for done in self.completions.drain(..) {
+            // In the migration log before the driver can see the chain: the kernel, an io_uring
+            // or a copy thread wrote the data where vm-memory could not mark it, and marking
+            // in the memory we publish with also covers a table that changed meanwhile.
+            for (addr, len) in done.written.ranges() {
+                ring.wrote(mem, addr, len);
+            }
             ring.push_used(done.head, done.used_len);
         }
         ring.complete(mem);
@@ -427,6 +433,28 @@ mod tests {
         run_until_used(&mut f, 16);
         for i in 0..16 {
             assert_eq!(f.queue.used(i).1, 4097);
+        }
+    }
+
+    #[test]
+    fn completed_requests_are_marked_in_the_migration_log_before_they_are_used() {
+        use vhost_user_common::testing::{TestLog, LOG_PAGE};
+        for kind in [EngineKind::Sync, EngineKind::IoUring] {
+            let mut f = fixture(kind, true);
+            let (_, data, status) = request(&mut f, 0, VIRTIO_BLK_T_IN, 0, 8192);
+            // After the driver's own writes: only the device's are of interest.
+            let log = TestLog::attach(&f.queue.memory());
+            run_until_used(&mut f, 1);
+            let header = BUFFERS / LOG_PAGE;
+            let expected = vec![
+                0x8, // the used ring
+                data / LOG_PAGE,
+                data / LOG_PAGE + 1,
+                status / LOG_PAGE,
+            ];
+            let marked = log.dirty_pages();
+            assert_eq!(marked, expected, "{kind:?}");
+            assert!(!marked.contains(&header));
         }
     }
 }
