@@ -47,6 +47,10 @@ pub struct QueueWorker {
     /// The chain being parsed: reused, so that taking a chain allocates nothing.
     scratch: ChainBuffers,
     completions: Vec<Completion>,
+    /// The longest chain accepted: what the config space's `seg_max` allows (the device's
+    /// largest queue size), also when the frontend set up a smaller ring (QEMU's default is
+    /// 128): a driver follows `seg_max`, and an indirect table is not bounded by the ring.
+    max_chain: usize,
 }
 
 impl QueueWorker {
@@ -70,6 +74,7 @@ impl QueueWorker {
             resubmit: Vec::new(),
             scratch: ChainBuffers::default(),
             completions: Vec::with_capacity(usize::from(queue_size)),
+            max_chain: usize::from(queue_size),
         }
     }
 
@@ -176,7 +181,7 @@ impl QueueWorker {
             ring.hooks_mut().taken(head);
             self.start(ring, head, parsed.as_ref(), mem);
         }
-        let max_descriptors = usize::from(ring.size()).max(1);
+        let max_descriptors = usize::from(ring.size()).max(self.max_chain).max(1);
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(chain) = ring.try_pop(mem) {
             taken += 1;
