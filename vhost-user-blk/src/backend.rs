@@ -235,7 +235,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let before = self.acked_features.swap(features, Ordering::Relaxed);
+        if (before ^ features) & MIGRATION_FEATURES != 0 {
+            if features & MIGRATION_FEATURES != 0 {
+                log::info!("live migration: writes to guest memory are logged");
+            } else {
+                log::info!("live migration: logging stopped");
+            }
+        }
         // Without FLUSH the driver cannot ask for durability, so the device must write through.
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.ctx.set_writeback(flush);
