@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
+pub mod inflight;
+pub mod migration;
 pub mod netns;
 pub mod qemu;
 pub mod systemd_guest;

@@ -271,7 +271,6 @@ impl UringEngine {
         ctx: &ExecContext,
         mem: &Arc<GuestMemory>,
     ) -> Option<Completion> {
-        let finish_now = |status: u8| Some(request.finish(head, mem, status));
         let disk = &*ctx.disk;
         let slot = usize::from(head);
         if slot >= self.slots.len() || self.slots[slot].is_some() {
@@ -287,7 +286,7 @@ impl UringEngine {
                     Ok(b) => b,
                     Err(e) => {
                         log::warn!("cannot map request buffers: {e}");
-                        return finish_now(VIRTIO_BLK_S_IOERR);
+                        return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
                     }
                 };
                 let iov = buffers.iovecs.as_ptr();
@@ -314,7 +313,10 @@ impl UringEngine {
                 None,
                 0,
             ),
-            _ => return finish_now(execute_sync(&request, ctx, mem)),
+            _ => {
+                let status = execute_sync(&request, ctx, mem);
+                return Some(request.finish(head, mem, status));
+            }
         };
         let entry = entry.user_data(u64::from(head));
         // SAFETY: the iovecs and the buffers they point to (guest memory kept mapped by `mem`,
@@ -326,7 +328,7 @@ impl UringEngine {
                 && unsafe { self.ring.submission().push(&entry).is_ok() });
         if !pushed {
             log::warn!("io_uring submission queue full; failing request");
-            return finish_now(VIRTIO_BLK_S_IOERR);
+            return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
         }
         self.slots[slot] = Some(InFlight {
             head,
