@@ -68,6 +68,12 @@ pub trait VhostUserBackendReqHandler {
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_call(&self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_err(&self, index: u8, fd: Option<File>) -> Result<()>;
+    /// `VHOST_USER_SET_LOG_FD`: the eventfd the kernel's vhost signals after it logs dirty
+    /// pages. A frontend that reads the shared log (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`) has no
+    /// use for it; by default the descriptor is accepted and closed.
+    fn set_log_fd(&self, _file: File) -> Result<()> {
+        Ok(())
+    }
 
     fn get_protocol_features(&self) -> Result<VhostUserProtocolFeatures>;
     fn set_protocol_features(&self, features: u64) -> Result<()>;
@@ -138,6 +144,10 @@ pub trait VhostUserBackendReqHandlerMut {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()>;
+    /// See [`VhostUserBackendReqHandler::set_log_fd`].
+    fn set_log_fd(&mut self, _file: File) -> Result<()> {
+        Ok(())
+    }
 
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures>;
     fn set_protocol_features(&mut self, features: u64) -> Result<()>;
@@ -253,6 +263,10 @@ impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
 
     fn set_vring_err(&self, index: u8, fd: Option<File>) -> Result<()> {
         self.lock().unwrap().set_vring_err(index, fd)
+    }
+
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.lock().unwrap().set_log_fd(file)
     }
 
     fn get_protocol_features(&self) -> Result<VhostUserProtocolFeatures> {
@@ -586,6 +600,12 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 self.check_request_size(&hdr, size, mem::size_of::<VhostUserU64>())?;
                 let (index, file) = self.handle_vring_fd_request(&buf, files)?;
                 let res = self.backend.set_vring_err(index, file);
+                self.send_ack_message(&hdr, res)?;
+            }
+            Ok(FrontendReq::SET_LOG_FD) => {
+                self.check_request_size(&hdr, size, 0)?;
+                let file = take_single_file(files).ok_or(Error::IncorrectFds)?;
+                let res = self.backend.set_log_fd(file);
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::GET_PROTOCOL_FEATURES) => {
