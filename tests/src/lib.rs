@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
+pub mod migration;
 pub mod netns;
 pub mod qemu;
 pub mod systemd_guest;
