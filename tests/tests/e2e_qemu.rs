@@ -1462,3 +1462,55 @@ fn console_linux_driver_qemu11_debian12_kernel() {
         console_end_to_end,
     );
 }
+
+/// QEMU's generic vhost-user device, the only way to attach vhost-user-console, is not
+/// migratable: QEMU 11 refuses `migrate` at once (a device state QEMU cannot save), although
+/// the daemon offers dirty-page logging. 7.2 has no such device at all.
+#[test]
+fn console_migration_is_refused_by_qemu11() {
+    e2e(
+        "console_migration_is_refused_by_qemu11",
+        QemuVersion::Qemu11,
+        GuestKernel::Newest,
+        |logs, guest, qemu| {
+            use vhost_user_tests::migration::Qmp;
+            let dir = tempfile::tempdir()?;
+            let socket = dir.path().join("vuc.sock");
+            let endpoint = dir.path().join("console.sock");
+            let endpoint_arg = endpoint.to_string_lossy().into_owned();
+            let daemon = Daemon::start_at(
+                CONSOLE,
+                &["--unix", &endpoint_arg],
+                socket.clone(),
+                tempfile::tempdir()?,
+            )?;
+            let _keep = logs.keep(&daemon.log, "vhost-user-console.log");
+            let qmp = dir.path().join("qmp.sock");
+            let mut config = VmConfig::new(qemu, "sleep 1000\n").console(&socket, 1, false)?;
+            config.devices.extend([
+                "-qmp".to_string(),
+                format!(
+                    "unix:{},server=on,wait=off",
+                    vhost_user_tests::qemu::qemu_path(&qmp)
+                ),
+            ]);
+            let _vm = Vm::start(guest, &config, logs)?;
+            let mut qmp = Qmp::connect(&qmp, Duration::from_secs(60))?;
+            // Nothing listens on port 1: a migration that got past QEMU's checks would fail
+            // later, and differently.
+            let answer = qmp.execute("migrate", serde_json::json!({ "uri": "tcp:127.0.0.1:1" }));
+            let refused = match answer {
+                Err(e) => e.to_string(),
+                Ok(v) => return Err(format!("QEMU accepted the migration: {v}").into()),
+            };
+            eprintln!("console migration: {} answers: {refused}", qemu.banner);
+            ensure(refused.contains("non-migratable"), || {
+                format!("QEMU refused the migration, but not for the device: {refused}")
+            })?;
+            ensure(daemon.log_text().contains("frontend connected"), || {
+                "QEMU never connected to the console daemon".to_string()
+            })?;
+            Ok(())
+        },
+    );
+}
