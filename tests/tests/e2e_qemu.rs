@@ -712,6 +712,9 @@ const MIG_DESTINATION_TAP: &str = "vumigdst";
 /// take much more; the migration must converge).
 const MIG_IPERF_SECONDS: u64 = 10;
 const MIG_IPERF_RATE: &str = "50M";
+/// Queue pairs: QEMU then drives the device as one vhost_dev per pair, each setting the log
+/// and LOG_ALL on the same connection.
+const MIG_QUEUE_PAIRS: u16 = 2;
 /// One ICMP echo request every 10 ms from the host side.
 const MIG_PING_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -780,7 +783,16 @@ fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
     ])?;
     ns.exec(&["ip", "link", "set", MIG_BRIDGE, "up"])?;
     let start_daemon = |tap: &str| -> Result<Daemon> {
-        let args = ["--tap", tap, "--mac", GUEST_MAC, "--up"];
+        let pairs = MIG_QUEUE_PAIRS.to_string();
+        let args = [
+            "--tap",
+            tap,
+            "--queue-pairs",
+            &pairs,
+            "--mac",
+            GUEST_MAC,
+            "--up",
+        ];
         let daemon = Daemon::start_with_prefix(&ns.prefix(), NET, &args)?;
         logs.note_command(&format!(
             "ip netns exec {} {NET} --socket-path {} {}",
@@ -803,7 +815,8 @@ fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
         .unwrap_or_default();
     let destination_logs = Logs::new(&format!("{name}-destination"))?;
     let machine = |socket: &std::path::Path| {
-        let mut config = VmConfig::new(qemu, migration_script()).net(socket, 1, GUEST_MAC);
+        let mut config =
+            VmConfig::new(qemu, migration_script()).net(socket, MIG_QUEUE_PAIRS, GUEST_MAC);
         config.memory_mib = 512;
         config
     };
