@@ -50,6 +50,20 @@ fn negotiate(without: u64) -> Negotiate {
     }
 }
 
+/// Acks VHOST_F_LOG_ALL (or clears it) and waits until the daemon has taken it, as QEMU does:
+/// it waits for the reply to SET_FEATURES when it turns logging on (with GET_FEATURES as the
+/// barrier when there is no REPLY_ACK), so that nothing written after it goes unlogged.
+fn set_log_all(vmm: &TestVmm, on: bool) -> Result<()> {
+    let features = if on {
+        vmm.acked_features | VHOST_F_LOG_ALL
+    } else {
+        vmm.acked_features
+    };
+    vmm.frontend.set_features(features)?;
+    vmm.frontend.get_features()?;
+    Ok(())
+}
+
 /// The page of queue `index`'s used ring (the test VMM's layout keeps each ring in one page).
 fn used_ring_pages(vmm: &TestVmm, index: usize) -> BTreeSet<u64> {
     let q = &vmm.queues[index];
@@ -264,8 +278,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     assert_pages("before LOG_ALL", &log.dirty_pages()?, &BTreeSet::new());
 
     // QEMU acks LOG_ALL once the log is set: from now on every write is logged.
-    vmm.frontend
-        .set_features(vmm.acked_features | VHOST_F_LOG_ALL)?;
+    set_log_all(&vmm, true)?;
     let mut sent = Vec::new();
     // 100 bytes: one page; 600: crosses into the next page; 1400: several buffers (merging).
     for (n, len) in [100usize, 600, 1400].into_iter().enumerate() {
@@ -311,7 +324,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
 
     // QEMU clears LOG_ALL when the migration ends: logging stops.
     log.clear()?;
-    vmm.frontend.set_features(vmm.acked_features)?;
+    set_log_all(&vmm, false)?;
     send_frame(&sock, &frame_to_guest(300, 9))?;
     rx.wait(&mut vmm, 1)?;
     std::thread::sleep(Duration::from_millis(100));
@@ -342,8 +355,7 @@ fn net_tx_marks_only_the_used_ring() -> Result<()> {
     wait_for_log(&daemon, "pair 0: tap queue attached", 1)?;
     let log = DirtyLog::new(RAM)?;
     log.attach(&vmm.frontend)?;
-    vmm.frontend
-        .set_features(vmm.acked_features | VHOST_F_LOG_ALL)?;
+    set_log_all(&vmm, true)?;
     let mut frame = vec![0u8; HDR_LEN];
     frame.extend_from_slice(&[0xff; 6]);
     frame.extend_from_slice(&GUEST_MAC);
@@ -481,8 +493,7 @@ fn console_rx_marks_exactly_its_buffers_and_the_used_ring() -> Result<()> {
         &BTreeSet::new(),
     );
 
-    vmm.frontend
-        .set_features(vmm.acked_features | VHOST_F_LOG_ALL)?;
+    set_log_all(&vmm, true)?;
     // 200 bytes stay in the first page of a buffer; 1024 fill one across the boundary.
     let mut written = BTreeSet::new();
     for len in [200usize, 1024] {
@@ -506,5 +517,60 @@ fn console_rx_marks_exactly_its_buffers_and_the_used_ring() -> Result<()> {
         written.len() >= 3,
         "the test wrote too few pages to mean anything"
     );
+    Ok(())
+}
+
+/// A hostile frontend's dirty log that claims more bytes than its file has (mmap accepts it;
+/// the first mark past the end would raise SIGBUS) is refused at SET_LOG_BASE: the frontend
+/// loses its connection, the daemon lives on and serves the next one.
+#[test]
+fn a_dirty_log_larger_than_its_file_is_refused() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use vhost::VhostUserDirtyLogRegion;
+    let dir = tempfile::tempdir()?;
+    let ep = dir.path().join("console.sock");
+    let mut daemon = Daemon::start(CONSOLE, &["--unix", &ep.to_string_lossy()])?;
+    let vmm = TestVmm::connect(
+        &daemon.socket,
+        RAM,
+        2,
+        QUEUE_SIZE,
+        negotiate(VIRTIO_CONSOLE_F_MULTIPORT),
+    )?;
+    let fd =
+        nix::sys::memfd::memfd_create(c"short-log", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
+    let file = std::fs::File::from(fd);
+    file.set_len(1024)?;
+    let refused = vmm.frontend.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        }),
+    );
+    assert!(
+        refused.is_err(),
+        "a log past the end of its file was accepted"
+    );
+    drop(vmm);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        daemon.is_running(),
+        "the daemon died: {}",
+        daemon.log_tail(10)
+    );
+    // The next frontend is served, and its (fitting) log works.
+    let vmm = TestVmm::connect(
+        &daemon.socket,
+        RAM,
+        2,
+        QUEUE_SIZE,
+        negotiate(VIRTIO_CONSOLE_F_MULTIPORT),
+    )?;
+    DirtyLog::new(RAM)?.attach(&vmm.frontend)?;
+    assert!(daemon
+        .log_text()
+        .contains("does not fit in its 1024-byte file"));
     Ok(())
 }
