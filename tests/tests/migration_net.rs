@@ -261,11 +261,12 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     let log = DirtyLog::new(RAM)?;
     log.attach(&vmm.frontend)?;
 
-    // Small buffers with merging (a frame spans several), whole-frame ones without; each
-    // starts 0x200 bytes before a page boundary.
+    // Small buffers with merging (a frame spans several), whole-frame ones without. Each
+    // starts 12 bytes before a page boundary: the virtio-net header (with `num_buffers`) is
+    // alone in the first buffer's first page, so an unlogged header write shows.
     let buf_len = if mergeable { 700 } else { 2048 };
     let mut rx = RxBuffers::new(0);
-    rx.post(&mut vmm, 64, buf_len, 0x200)?;
+    rx.post(&mut vmm, 64, buf_len, HDR_LEN as u64)?;
     wait_for_log(&daemon, "pair 0: tap queue attached", 1)?;
 
     // Before LOG_ALL: the log is mapped but nothing is marked.
@@ -280,7 +281,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     // QEMU acks LOG_ALL once the log is set: from now on every write is logged.
     set_log_all(&vmm, true)?;
     let mut sent = Vec::new();
-    // 100 bytes: one page; 600: crosses into the next page; 1400: several buffers (merging).
+    // Frames of several sizes: one or two buffers with merging, one page or two of payload.
     for (n, len) in [100usize, 600, 1400].into_iter().enumerate() {
         let f = frame_to_guest(len, n as u8 + 2);
         send_frame(&sock, &f)?;
