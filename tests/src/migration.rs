@@ -653,3 +653,59 @@ impl Capture {
             .map_err(|_| "the capture thread panicked")?)
     }
 }
+
+/// A TCP stream of known bytes sent from inside a network namespace at a bounded rate, so that
+/// it lasts long enough to cross a migration; the receiver checks what arrived.
+pub struct PacedSender {
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl PacedSender {
+    /// Connects from `netns` to `to` (retrying for 30 s while nothing listens) and sends
+    /// `data` at no more than `bytes_per_second`, then closes.
+    pub fn start(
+        netns: &str,
+        to: std::net::SocketAddr,
+        data: Vec<u8>,
+        bytes_per_second: usize,
+    ) -> Result<PacedSender> {
+        let ns_path = format!("/var/run/netns/{netns}");
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let ns = File::open(&ns_path)?;
+            // SAFETY: setns on a valid namespace fd; it affects only this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut stream = loop {
+                match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(format!("connect to {to}: {e}").into())
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            let chunk = (bytes_per_second / 50).max(1);
+            let started = Instant::now();
+            for (i, part) in data.chunks(chunk).enumerate() {
+                stream.write_all(part)?;
+                // Chunk i is due at i / 50 s.
+                let due = started + Duration::from_millis(20 * (i as u64 + 1));
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            stream.shutdown(std::net::Shutdown::Write)?;
+            Ok(())
+        });
+        Ok(PacedSender { thread })
+    }
+
+    /// Waits until everything was sent.
+    pub fn finish(self) -> Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| "the sender thread panicked")?
+    }
+}

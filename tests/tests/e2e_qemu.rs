@@ -718,13 +718,24 @@ const MIG_QUEUE_PAIRS: u16 = 2;
 /// One ICMP echo request every 10 ms from the host side.
 const MIG_PING_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The migrated guest: an address, an iperf3 server, then a heartbeat on the serial console
-/// (the destination's console shows the guest running there).
+/// A stream of known bytes the host sends the guest across the migration, and its rate: the
+/// guest reports its CRC. A receive buffer whose page the daemon wrote without marking it would
+/// reach the destination stale: the guest does not verify TCP checksums the host offloaded
+/// (NEEDS_CSUM), so only the CRC shows it.
+const MIG_STREAM_PORT: u16 = 5300;
+const MIG_STREAM_BYTES: usize = 24 << 20;
+const MIG_STREAM_RATE: usize = 2 << 20;
+
+/// The migrated guest: an address, an iperf3 server, a listener that keeps the stream and
+/// reports its CRC, then a heartbeat on the serial console (the destination's console shows
+/// the guest running there).
 fn migration_script() -> String {
     format!(
         r#"ip link set eth0 up
 ip addr add {GUEST_IP}/24 dev eth0
 iperf3 -s -D -p {IPERF_PORT}
+(nc -l -p {MIG_STREAM_PORT} | head -c {MIG_STREAM_BYTES} > /tmp/stream
+ echo "E2E stream=$(crc32 < /tmp/stream) $(wc -c < /tmp/stream)") &
 echo "E2E ready=1"
 n=0
 while true; do n=$((n + 1)); echo "E2E tick=$n"; sleep 1; done
@@ -763,7 +774,7 @@ fn signed_ms(from: Instant, to: Instant) -> f64 {
 /// the migration the destination daemon must broadcast QEMU's RARP for the guest's MAC on its
 /// tap (SEND_RARP), the bridge then forwards the flows to the new port, and they continue.
 fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
-    use vhost_user_tests::migration::{Capture, MigratingVm, PingStream};
+    use vhost_user_tests::migration::{Capture, MigratingVm, PacedSender, PingStream};
     let ns = Netns::new("vumig")?;
     // No IPv6 (its autoconfiguration traffic only adds noise to the capture).
     ns.exec(&[
@@ -837,6 +848,14 @@ fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
             })?;
             std::thread::sleep(Duration::from_millis(50));
         }
+        let stream: Vec<u8> = binary_pattern(MIG_STREAM_BYTES, 0x5eed);
+        let stream_crc = crc32(&stream);
+        let sender = PacedSender::start(
+            &ns.name,
+            format!("{GUEST_IP}:{MIG_STREAM_PORT}").parse()?,
+            stream,
+            MIG_STREAM_RATE,
+        )?;
         let source_capture = Capture::start(&ns.name, MIG_SOURCE_TAP)?;
         let capture = Capture::start(&ns.name, MIG_DESTINATION_TAP)?;
         let iperf_log = logs.path("iperf3-client.log");
@@ -871,6 +890,10 @@ fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
             })?;
             std::thread::sleep(Duration::from_millis(50));
         };
+        sender.finish()?;
+        let received = vms
+            .destination
+            .wait_for("stream", Duration::from_secs(60))?;
         std::thread::sleep(Duration::from_millis(500));
         let pings = ping.finish()?;
         let frames = capture.finish()?;
@@ -947,6 +970,15 @@ fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
             "net migration: iperf3 {MIG_IPERF_RATE} host->guest for {MIG_IPERF_SECONDS} s ({iperf_status}); destination ran {resumed_at:.1} s in; intervals at 0 Mbit/s: {stalled:?}"
         );
 
+        let (crc, len) = crc_and_len(&received)?;
+        eprintln!(
+            "net migration: {MIG_STREAM_BYTES} bytes at {MIG_STREAM_RATE} B/s across the migration: the guest got {len} bytes with CRC {crc:08x}, sent {stream_crc:08x}"
+        );
+        ensure(crc == stream_crc && len == MIG_STREAM_BYTES, || {
+            format!(
+                "the guest received other bytes than were sent ({len} bytes, CRC {crc:08x}; sent {MIG_STREAM_BYTES}, {stream_crc:08x}): a receive buffer page written but not logged?"
+            )
+        })?;
         ensure(tick.parse::<u64>().is_ok(), || {
             "the guest does not run on the destination".to_string()
         })?;
