@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::device::{
+    read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
+};
 use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -63,7 +65,7 @@ impl ConsoleBackend {
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             // Dirty-page logging (with LOG_SHMFD below): a frontend that can migrate the
             // device gets every write into guest memory logged, as vm-memory marks them.
-            | VhostUserVirtioFeatures::LOG_ALL.bits()
+            | MIGRATION_FEATURES
             | control::VIRTIO_CONSOLE_F_MULTIPORT
             | control::VIRTIO_CONSOLE_F_EMERG_WRITE;
         if pty_console {
@@ -134,7 +136,7 @@ impl VhostUserBackend for ConsoleBackend {
             // used entries) goes through vm-memory's accessors, which mark the dirty log once
             // SET_LOG_BASE has mapped it. QEMU's generic vhost-user device, the only one that
             // attaches a console, is not migratable anyway (README, "Live migration").
-            | VhostUserProtocolFeatures::LOG_SHMFD
+            | MIGRATION_PROTOCOL_FEATURES
     }
 
     fn reset_device(&self) {

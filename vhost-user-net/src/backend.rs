@@ -14,7 +14,9 @@ use vhost_user_common::Vring;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::device::{
+    read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
+};
 use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::ring::Ring;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
@@ -75,7 +77,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         // Live migration: SET_LOG_BASE maps QEMU's dirty log, and every write into guest
         // memory goes through vm-memory, which marks it (see `NetBackend`). QEMU refuses to
         // migrate without this and VHOST_F_LOG_ALL.
-        | VhostUserProtocolFeatures::LOG_SHMFD
+        | MIGRATION_PROTOCOL_FEATURES
         // After a migration QEMU asks us to announce the guest (SEND_RARP), since we do not
         // offer VIRTIO_NET_F_GUEST_ANNOUNCE: see `crate::announce`.
         | VhostUserProtocolFeatures::RARP
@@ -367,9 +369,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        FEATURES
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | VhostUserVirtioFeatures::LOG_ALL.bits()
+        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | MIGRATION_FEATURES
     }
 
     fn acked_features(&self, features: u64) {
