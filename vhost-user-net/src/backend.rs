@@ -135,7 +135,7 @@ struct Pair {
 /// through vm-memory's accessors on memory whose regions carry the dirty-page log
 /// ([`vhost_user_common::DirtyBitmap`]), so it is marked before the used index that hands it to
 /// the guest moves; the tap's frames are copied in from the pair's own buffer, never read into
-/// guest memory directly. `tests/tests/migration.rs` checks the pages.
+/// guest memory directly. `tests/tests/migration_net.rs` checks the pages.
 pub struct NetBackend {
     config: Config,
     tap: Arc<Tap>,
