@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::VhostBackend;
-use vhost_user_tests::migration::{pages, send_rarp, DirtyLog, VHOST_F_LOG_ALL};
+use vhost_user_tests::migration::{pages_of, send_rarp, DirtyLog, VHOST_F_LOG_ALL};
 use vhost_user_tests::netns::{packet_socket, require_root, Netns};
 use vhost_user_tests::{Buf, Daemon, GuestRam, Negotiate, Result, TestVmm, Used};
 
@@ -50,24 +50,25 @@ fn negotiate(without: u64) -> Negotiate {
     }
 }
 
-/// Acks VHOST_F_LOG_ALL (or clears it) and waits until the daemon has taken it, as QEMU does:
-/// it waits for the reply to SET_FEATURES when it turns logging on (with GET_FEATURES as the
-/// barrier when there is no REPLY_ACK), so that nothing written after it goes unlogged.
-fn set_log_all(vmm: &TestVmm, on: bool) -> Result<()> {
-    let features = if on {
-        vmm.acked_features | VHOST_F_LOG_ALL
-    } else {
-        vmm.acked_features
-    };
-    vmm.frontend.set_features(features)?;
-    vmm.frontend.get_features()?;
-    Ok(())
+/// The dirty log, shared as QEMU does when a migration starts. From here on every request
+/// waits for the daemon's acknowledgement (QEMU waits for its SET_FEATURES with LOG_ALL), so
+/// that nothing the test makes the daemon write afterwards can precede LOG_ALL.
+fn share_log(vmm: &mut TestVmm) -> Result<DirtyLog> {
+    vmm.acknowledge_every_request();
+    let log = DirtyLog::new(RAM)?;
+    vmm.set_log(&log)?;
+    Ok(log)
+}
+
+/// The test's dirty pages as a set.
+fn dirty(log: &DirtyLog) -> Result<BTreeSet<u64>> {
+    Ok(log.dirty_pages()?.into_iter().collect())
 }
 
 /// The page of queue `index`'s used ring (the test VMM's layout keeps each ring in one page).
 fn used_ring_pages(vmm: &TestVmm, index: usize) -> BTreeSet<u64> {
     let q = &vmm.queues[index];
-    pages(q.used, 6 + 8 * u64::from(q.size)).collect()
+    pages_of(q.used, 6 + 8 * u64::from(q.size)).collect()
 }
 
 /// Receive buffers posted at chosen addresses: each starts `offset` bytes before a page
@@ -111,7 +112,9 @@ impl RxBuffers {
                 .copied()
                 .ok_or("used entry for a buffer never posted")?;
             assert!(u.len <= len, "used length beyond the buffer");
-            written.extend(pages(gpa, u64::from(u.len)));
+            if u.len > 0 {
+                written.extend(pages_of(gpa, u64::from(u.len)));
+            }
         }
         Ok((used, written))
     }
@@ -258,8 +261,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
         "LOG_ALL not offered"
     );
     assert!(vmm.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD));
-    let log = DirtyLog::new(RAM)?;
-    log.attach(&vmm.frontend)?;
+    let log = share_log(&mut vmm)?;
 
     // Small buffers with merging (a frame spans several), whole-frame ones without. Each
     // starts 12 bytes before a page boundary: the virtio-net header (with `num_buffers`) is
@@ -276,10 +278,10 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     let (used, _) = rx.wait(&mut vmm, want)?;
     assert_eq!(rx.bytes(&vmm.ram, &used)?[HDR_LEN..], early[..]);
     std::thread::sleep(Duration::from_millis(100));
-    assert_pages("before LOG_ALL", &log.dirty_pages()?, &BTreeSet::new());
+    assert_pages("before LOG_ALL", &dirty(&log)?, &BTreeSet::new());
 
     // QEMU acks LOG_ALL once the log is set: from now on every write is logged.
-    set_log_all(&vmm, true)?;
+    vmm.log_all(true)?;
     let mut sent = Vec::new();
     // Frames of several sizes: one or two buffers with merging, one page or two of payload.
     for (n, len) in [100usize, 600, 1400].into_iter().enumerate() {
@@ -317,7 +319,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     // Give the daemon's worker time to finish its pass (re-arming kicks writes the used ring).
     std::thread::sleep(Duration::from_millis(100));
     written.extend(used_ring_pages(&vmm, 0));
-    assert_pages("net RX with LOG_ALL", &log.dirty_pages()?, &written);
+    assert_pages("net RX with LOG_ALL", &dirty(&log)?, &written);
     assert!(
         written.len() >= 4,
         "the test wrote too few pages to mean anything"
@@ -325,15 +327,11 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
 
     // QEMU clears LOG_ALL when the migration ends: logging stops.
     log.clear()?;
-    set_log_all(&vmm, false)?;
+    vmm.log_all(false)?;
     send_frame(&sock, &frame_to_guest(300, 9))?;
     rx.wait(&mut vmm, 1)?;
     std::thread::sleep(Duration::from_millis(100));
-    assert_pages(
-        "after LOG_ALL is cleared",
-        &log.dirty_pages()?,
-        &BTreeSet::new(),
-    );
+    assert_pages("after LOG_ALL is cleared", &dirty(&log)?, &BTreeSet::new());
     Ok(())
 }
 
@@ -354,9 +352,8 @@ fn net_tx_marks_only_the_used_ring() -> Result<()> {
     let (_ns, daemon, sock) = net_setup(1)?;
     let mut vmm = TestVmm::connect(&daemon.socket, RAM, 2, QUEUE_SIZE, negotiate(0))?;
     wait_for_log(&daemon, "pair 0: tap queue attached", 1)?;
-    let log = DirtyLog::new(RAM)?;
-    log.attach(&vmm.frontend)?;
-    set_log_all(&vmm, true)?;
+    let log = share_log(&mut vmm)?;
+    vmm.log_all(true)?;
     let mut frame = vec![0u8; HDR_LEN];
     frame.extend_from_slice(&[0xff; 6]);
     frame.extend_from_slice(&GUEST_MAC);
@@ -374,7 +371,7 @@ fn net_tx_marks_only_the_used_ring() -> Result<()> {
     );
     assert_pages(
         "net TX with LOG_ALL",
-        &log.dirty_pages()?,
+        &dirty(&log)?,
         &used_ring_pages(&vmm, 1),
     );
     Ok(())
@@ -479,8 +476,7 @@ fn console_rx_marks_exactly_its_buffers_and_the_used_ring() -> Result<()> {
         vmm.offered_features & VHOST_F_LOG_ALL != 0,
         "LOG_ALL not offered"
     );
-    let log = DirtyLog::new(RAM)?;
-    log.attach(&vmm.frontend)?;
+    let log = share_log(&mut vmm)?;
     let mut rx = RxBuffers::new(0);
     rx.post(&mut vmm, 16, 1024, 0x100)?;
 
@@ -488,13 +484,9 @@ fn console_rx_marks_exactly_its_buffers_and_the_used_ring() -> Result<()> {
     let (used, _) = rx.wait(&mut vmm, 1)?;
     assert_eq!(rx.bytes(&vmm.ram, &used)?, b"before LOG_ALL");
     std::thread::sleep(Duration::from_millis(100));
-    assert_pages(
-        "console before LOG_ALL",
-        &log.dirty_pages()?,
-        &BTreeSet::new(),
-    );
+    assert_pages("console before LOG_ALL", &dirty(&log)?, &BTreeSet::new());
 
-    set_log_all(&vmm, true)?;
+    vmm.log_all(true)?;
     // 200 bytes stay in the first page of a buffer; 1024 fill one across the boundary.
     let mut written = BTreeSet::new();
     for len in [200usize, 1024] {
@@ -513,7 +505,7 @@ fn console_rx_marks_exactly_its_buffers_and_the_used_ring() -> Result<()> {
     // transmit ring's used ring): that page is written, and must be marked, too.
     written.extend(used_ring_pages(&vmm, 0));
     written.extend(used_ring_pages(&vmm, 1));
-    assert_pages("console RX with LOG_ALL", &log.dirty_pages()?, &written);
+    assert_pages("console RX with LOG_ALL", &dirty(&log)?, &written);
     assert!(
         written.len() >= 3,
         "the test wrote too few pages to mean anything"
@@ -569,7 +561,8 @@ fn a_dirty_log_larger_than_its_file_is_refused() -> Result<()> {
         QUEUE_SIZE,
         negotiate(VIRTIO_CONSOLE_F_MULTIPORT),
     )?;
-    DirtyLog::new(RAM)?.attach(&vmm.frontend)?;
+    let mut vmm = vmm;
+    share_log(&mut vmm)?;
     assert!(daemon
         .log_text()
         .contains("does not fit in its 1024-byte file"));
