@@ -250,6 +250,25 @@ impl MmapLogReg {
             return Err(io::Error::from(io::ErrorKind::InvalidData));
         }
 
+        // mmap accepts a range past the end of the file, but the first page marked there
+        // raises SIGBUS and kills the backend: refuse a log that does not fit in its file.
+        // SAFETY: `stat` is plain old data (all-zero is valid) and fstat fills it.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a valid file descriptor and `stat` is valid for writes.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (offset as u64).checked_add(len as u64);
+        if end.map_or(true, |end| end > stat.st_size as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "dirty log of {len} bytes at offset {offset} does not fit in its {}-byte file",
+                    stat.st_size
+                ),
+            ));
+        }
+
         // SAFETY: `fd` is a valid file descriptor and we are not using `libc::MAP_FIXED`.
         let addr = unsafe {
             libc::mmap(
