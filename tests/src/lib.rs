@@ -17,6 +17,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod blkio_client;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
