@@ -279,10 +279,15 @@ impl UringEngine {
             log::warn!("descriptor {head} made available again while in flight; ignored");
             return None;
         }
-        let fd = types::Fd(disk.raw_fd());
         let (entry, buffers, expected) = match &request.op {
             Operation::Read { offset, data, len } | Operation::Write { offset, data, len } => {
                 let is_write = matches!(request.op, Operation::Write { .. });
+                // Where the bytes are on the host (a qcow2 image maps them); requests that need
+                // the image's own code (cluster allocation, ...) run synchronously.
+                let Some((fd, at)) = disk.direct_extent(*offset, *len, is_write) else {
+                    return finish_now(execute_sync(&request, ctx, mem));
+                };
+                let fd = types::Fd(fd);
                 let buffers = match IoBuffers::new(disk, mem, data, *len, is_write) {
                     Ok(b) => b,
                     Err(e) => {
@@ -299,16 +304,16 @@ impl UringEngine {
                         0
                     };
                     opcode::Writev::new(fd, iov, count)
-                        .offset(*offset)
+                        .offset(at)
                         .rw_flags(flags)
                         .build()
                 } else {
-                    opcode::Readv::new(fd, iov, count).offset(*offset).build()
+                    opcode::Readv::new(fd, iov, count).offset(at).build()
                 };
                 (entry, Some(buffers), *len as usize)
             }
-            Operation::Flush => (
-                opcode::Fsync::new(fd)
+            Operation::Flush if !disk.flush_needs_sync_path() => (
+                opcode::Fsync::new(types::Fd(disk.raw_fd()))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),
                 None,
