@@ -23,6 +23,7 @@ pub mod guest;
 pub mod hostile;
 pub mod netns;
 pub mod qemu;
+pub mod qemu_img;
 pub mod systemd_guest;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
