@@ -408,3 +408,80 @@ fn qcow2_data_written_reads_back_in_qemu_img() -> Result<()> {
     assert!(back == data, "qemu-img reads other data");
     Ok(())
 }
+
+/// Broken metadata found while serving (an L2 entry with reserved bits set) fails the
+/// requests that need it with IOERR, logged at a bounded rate; the rest of the disk is served
+/// and the image file is not touched.
+#[test]
+fn qcow2_metadata_error_at_run_time_fails_requests_only() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = pattern(SIZE as usize, 0x11);
+    let raw = raw_file(dir.path(), "source.raw", &model)?;
+    let image = dir.path().join("broken.qcow2");
+    qemu_img::run(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &raw.to_string_lossy(),
+        &image.to_string_lossy(),
+    ])?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)?;
+    let mut l1 = [0u8; 8];
+    file.read_exact_at(&mut l1, 40)?;
+    let l1 = u64::from_be_bytes(l1);
+    // With 4 KiB clusters an L2 table maps 2 MiB: the first entry of the second table gets
+    // reserved bits set (the cluster at 2 MiB).
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, l1 + 8)?;
+    let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;
+    file.write_all_at(&((1u64 << 63) | 0x1234).to_be_bytes(), l2)?;
+    drop(file);
+    let mut daemon = start(&image, &[])?;
+    let mut client = Client::connect(&daemon.socket, 1)?;
+    let before = checksum(&image)?;
+    let buf = client.buf(0, 4096);
+    for _ in 0..50 {
+        let q = &mut client.queues[0];
+        q.read(2 << 20, buf, 4096, 0, ReqFlags::empty());
+        assert_ne!(
+            wait_one(q)?,
+            0,
+            "a read through a broken L2 table succeeded"
+        );
+    }
+    client.copy_in(0, &[0xff; 4096]);
+    let q = &mut client.queues[0];
+    q.write(2 << 20, buf, 4096, 0, ReqFlags::empty());
+    assert_ne!(
+        wait_one(q)?,
+        0,
+        "a write through a broken L2 table succeeded"
+    );
+    // Elsewhere the disk is served.
+    q.read(9 << 20, buf, 4096, 0, ReqFlags::empty());
+    assert_eq!(wait_one(q)?, 0);
+    assert!(client.copy_out(0, 4096) == model[9 << 20..(9 << 20) + 4096]);
+    assert_eq!(
+        checksum(&image)?,
+        before,
+        "a failed request changed the image"
+    );
+    drop(client);
+    assert!(daemon.terminate()?.success());
+    let log = daemon.log_text();
+    let lines = log.lines().filter(|l| l.contains("failed:")).count();
+    assert!(
+        (1..=12).contains(&lines),
+        "{lines} error lines for 51 failures:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    Ok(())
+}

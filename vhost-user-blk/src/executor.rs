@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use vhost_user_common::chain::{host_iovecs, Segment};
+use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::GuestMemory;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -44,6 +45,9 @@ pub struct ExecContext {
     serial: Vec<u8>,
     /// Write-back cache on (the guest flushes); when off, every write is made durable.
     writeback: AtomicBool,
+    /// Failed requests are logged through this: a guest can fail them at will (a qcow2
+    /// image's metadata error fails every request that touches it).
+    errors: RateLimit,
 }
 
 impl ExecContext {
@@ -52,6 +56,7 @@ impl ExecContext {
             disk,
             serial,
             writeback: AtomicBool::new(true),
+            errors: RateLimit::default(),
         }
     }
 
@@ -195,11 +200,11 @@ pub fn execute_sync(request: &Request, ctx: &ExecContext, mem: &GuestMemory) -> 
     match result {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) => {
-            log::warn!(
+            ctx.errors.warn(format_args!(
                 "{}: {:?} failed: {e}",
                 disk.path().display(),
                 kind_name(&request.op)
-            );
+            ));
             VIRTIO_BLK_S_IOERR
         }
     }

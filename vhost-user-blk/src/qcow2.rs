@@ -194,7 +194,7 @@ pub enum ImageError {
     NotQcow2 { path: PathBuf },
     #[error("{path}: qcow2 version {version} is not supported (2 and 3 are)")]
     Version { path: PathBuf, version: u32 },
-    #[error("{path}: {what} is not supported{hint}")]
+    #[error("{path}: {what}: not supported{hint}")]
     Unsupported {
         path: PathBuf,
         what: &'static str,
@@ -271,7 +271,7 @@ fn check_header(file: &File, path: &Path) -> Result<HeaderFacts, ImageError> {
     };
     if be32(32) != 0 {
         return Err(unsupported(
-            "encryption",
+            "qcow2 encryption",
             "; decrypt it first (qemu-img convert with --object secret)",
         ));
     }
@@ -293,13 +293,13 @@ fn check_header(file: &File, path: &Path) -> Result<HeaderFacts, ImageError> {
         }
         if incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(unsupported(
-                "an external data file",
+                "external data file",
                 "; convert it: qemu-img convert -O qcow2",
             ));
         }
         if incompatible & INCOMPAT_COMPRESSION != 0 {
             return Err(unsupported(
-                "a compression type other than zlib",
+                "zstd compression (only zlib is)",
                 "; convert it: qemu-img convert -O qcow2 -o compression_type=zlib",
             ));
         }
