@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::qcow2::{ImageError, ImageFormat, ImageOptions, Qcow2Image};
+use crate::qcow2::{ImageError, ImageFormat, ImageOptions, Lookup, Qcow2Image};
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 nix::ioctl_read_bad!(blk_get_logical_block_size, libc::BLKSSZGET, libc::c_int);
@@ -264,16 +264,23 @@ impl Disk {
     /// Every iovec must describe memory that is valid for writes of its length and stays so
     /// until this returns.
     pub unsafe fn read_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
-        let len = iov.iter().map(|v| v.iov_len as u64).sum();
-        match self.direct_extent(offset, len, false) {
+        let Some(image) = &self.image else {
             // SAFETY: the caller vouches for the iovecs.
-            Some((fd, at)) => unsafe { vectored_at(fd, iov, at, false, 0) },
-            // Only qcow2 images have no direct extent.
-            None => match &self.image {
-                // SAFETY: the caller vouches for the iovecs.
-                Some(image) => unsafe { image.readv(iov, offset) },
-                None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-            },
+            return unsafe { vectored_at(self.file.as_raw_fd(), iov, offset, false, 0) };
+        };
+        let len = iov.iter().map(|v| v.iov_len as u64).sum();
+        match image.lookup(offset, len, false) {
+            // SAFETY: the caller vouches for the iovecs.
+            Lookup::Host(fd, at) => unsafe { vectored_at(fd, iov, at, false, 0) },
+            Lookup::Zero => {
+                for v in iov {
+                    // SAFETY: the caller vouches that each iovec is writable memory of its length.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+                Ok(())
+            }
+            // SAFETY: the caller vouches for the iovecs.
+            Lookup::Image => unsafe { image.readv(iov, offset) },
         }
     }
 

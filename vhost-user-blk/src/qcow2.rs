@@ -350,6 +350,17 @@ fn parse_format(name: &str) -> Option<ImageFormat> {
     }
 }
 
+/// Where a guest range of a qcow2 image is ([`Qcow2Image::lookup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// In one file at this offset: our engines move the data.
+    Host(RawFd, u64),
+    /// Reads as zeroes (unallocated without backing data, or zero clusters).
+    Zero,
+    /// Only imago's own read or write can serve it.
+    Image,
+}
+
 /// An open qcow2 image with its chain.
 pub struct Qcow2Image {
     access: FormatAccess<ImageFile>,
@@ -404,14 +415,13 @@ impl Qcow2Image {
             .join(" <- ")
     }
 
-    /// Where `[offset, offset + len)` can be read or written directly: the file and its host
-    /// offset, when the whole range is one run of allocated clusters (writable ones for a
-    /// write). `None`: the request needs imago (allocation, zero/compressed clusters, the
-    /// backing file for a write, or several runs).
-    pub fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<(RawFd, u64)> {
-        let lookup = guard(|| self.access.get_mapping(offset, len)).ok()?;
-        match lookup {
-            (
+    /// Where `[offset, offset + len)` is: one run of allocated clusters of a file we opened
+    /// (writable ones for a write), zeroes all the way (a read needs no I/O), or something only
+    /// imago can serve (allocation, compressed clusters, a write onto the backing file's data,
+    /// several runs).
+    pub fn lookup(&self, offset: u64, len: u64, write: bool) -> Lookup {
+        match guard(|| self.access.get_mapping(offset, len)) {
+            Ok((
                 Mapping::Raw {
                     storage,
                     offset: host,
@@ -419,7 +429,16 @@ impl Qcow2Image {
                     ..
                 },
                 run,
-            ) if run >= len && (writable || !write) => Some((storage.raw_fd(), host)),
+            )) if run >= len && (writable || !write) => Lookup::Host(storage.raw_fd(), host),
+            Ok((Mapping::Zero { .. }, run)) if run >= len && !write => Lookup::Zero,
+            _ => Lookup::Image,
+        }
+    }
+
+    /// The host file and offset of [`Lookup::Host`], for the engines' data I/O.
+    pub fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<(RawFd, u64)> {
+        match self.lookup(offset, len, write) {
+            Lookup::Host(fd, host) => Some((fd, host)),
             _ => None,
         }
     }
