@@ -10,9 +10,10 @@
 //! spanning several runs) goes through imago's own `readv`/`writev` in the queue thread.
 //!
 //! **Concurrency with one thread per queue.** The image is one `FormatAccess` shared by all queue
-//! threads. A lookup takes imago's L2-cache lock only for the lookup (shared for hits); the data
-//! I/O of already-allocated clusters then runs with no lock of ours or imago's held, so queues do
-//! not serialise on it. Allocation (new clusters, refcount updates, L2 changes) happens under
+//! threads. A lookup that hits imago's L2 cache (128 tables) takes shared (read) locks only; a
+//! miss loads the table under the cache's write lock, holding up other queues' lookups for that
+//! one read. The data I/O of already-allocated clusters then runs with no lock of ours or
+//! imago's held, so queues do not serialise on it. Allocation (new clusters, refcount updates, L2 changes) happens under
 //! imago's allocator mutex and its per-range write blockers, in the thread of the request that
 //! needs it; a concurrent write to the same unallocated cluster waits for it inside imago.
 //! A cluster once mapped is never freed while the daemon runs: DISCARD and WRITE_ZEROES turn
