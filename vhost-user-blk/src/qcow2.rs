@@ -696,21 +696,121 @@ mod tests {
         );
     }
 
+    /// A new qcow2 image of `size` bytes in `dir`, made by imago, optionally over `backing`.
+    fn make_image(dir: &Path, name: &str, size: u64, backing: Option<(&str, &str)>) -> PathBuf {
+        use imago::FormatCreateBuilder;
+        let path = dir.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let opts = imago::StorageOpenOptions::new().write(true).filename(&path);
+        let storage =
+            imago::file::File::from_open_file(file, opts).unwrap_or_else(|e| panic!("{e}"));
+        let mut builder = Qcow2::<imago::file::File>::create_builder(storage)
+            .size(size)
+            .cluster_size(4096);
+        if let Some((name, format)) = backing {
+            builder = builder.backing(name.into(), format.into());
+        }
+        builder.create().unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
+
+    fn options(writable: bool) -> ImageOptions {
+        ImageOptions {
+            writable,
+            direct: false,
+            backing: None,
+            backing_format: None,
+        }
+    }
+
+    fn iov(buf: &mut [u8]) -> [libc::iovec; 1] {
+        [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }]
+    }
+
+    #[test]
+    fn allocated_clusters_are_direct_and_the_rest_goes_through_imago() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = make_image(dir.path(), "a.qcow2", 1 << 20, None);
+        let image = Qcow2Image::open(&path, &options(true)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(image.size(), 1 << 20);
+        assert_eq!(image.lookup(8192, 4096, false), Lookup::Zero);
+        assert_eq!(image.lookup(8192, 4096, true), Lookup::Image);
+        let mut data = vec![0x5au8; 4096];
+        // SAFETY: the iovec covers the live vector `data`.
+        unsafe { image.writev(&iov(&mut data), 8192) }.unwrap_or_else(|e| panic!("{e}"));
+        let Lookup::Host(fd, host) = image.lookup(8192, 4096, true) else {
+            panic!("an allocated cluster is not direct");
+        };
+        let mut back = vec![0u8; 4096];
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        file.read_exact_at(&mut back, host)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, data, "the host offset holds other data");
+        assert!(fd >= 0);
+        // Across two clusters, one of them unallocated: imago's path.
+        assert_eq!(image.lookup(8192, 8192, false), Lookup::Image);
+        image
+            .write_zeroes(8192, 4096, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(image.lookup(8192, 4096, false), Lookup::Zero);
+        image.flush().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn reads_fall_through_to_the_backing_file_and_writes_stay_on_top() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0xbbu8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
+        let top = make_image(dir.path(), "top.qcow2", 1 << 20, Some(("base.raw", "raw")));
+        let image = Qcow2Image::open(&top, &options(true)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            image.describe().contains("base.raw (raw)"),
+            "{}",
+            image.describe()
+        );
+        // A read of the base's data is direct, on the base's file; a write is not.
+        assert!(matches!(image.lookup(0, 4096, false), Lookup::Host(..)));
+        assert_eq!(image.lookup(0, 4096, true), Lookup::Image);
+        let mut data = vec![0x11u8; 512];
+        // SAFETY: the iovec covers the live vector `data`.
+        unsafe { image.writev(&iov(&mut data), 4096 + 512) }.unwrap_or_else(|e| panic!("{e}"));
+        let mut back = vec![0u8; 4096];
+        // SAFETY: as above, for `back`.
+        unsafe { image.readv(&iov(&mut back), 4096) }.unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            back[..512].iter().all(|&b| b == 0xbb),
+            "copy-on-write lost the base"
+        );
+        assert!(back[512..1024].iter().all(|&b| b == 0x11));
+        assert!(back[1024..].iter().all(|&b| b == 0xbb));
+        image.flush().unwrap_or_else(|e| panic!("{e}"));
+        let base_now = std::fs::read(&base).unwrap_or_else(|e| panic!("{e}"));
+        assert!(base_now.iter().all(|&b| b == 0xbb), "the base was written");
+        // A missing backing file is named, resolved against the image's directory.
+        std::fs::remove_file(&base).unwrap_or_else(|e| panic!("{e}"));
+        let err = Qcow2Image::open(&top, &options(false)).map(|_| ());
+        assert!(
+            err.as_ref()
+                .is_err_and(|e| e.to_string().contains(&base.display().to_string())),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn a_raw_file_is_not_taken_for_qcow2() {
         let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
         file.as_file()
             .set_len(1 << 20)
             .unwrap_or_else(|e| panic!("{e}"));
-        let err = Qcow2Image::open(
-            file.path(),
-            &ImageOptions {
-                writable: true,
-                direct: false,
-                backing: None,
-                backing_format: None,
-            },
-        );
+        let err = Qcow2Image::open(file.path(), &options(true));
         assert!(matches!(err, Err(ImageError::NotQcow2 { .. })));
     }
 }
