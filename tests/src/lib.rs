@@ -17,6 +17,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod blkio_client;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
@@ -24,6 +25,7 @@ pub mod inflight;
 pub mod migration;
 pub mod netns;
 pub mod qemu;
+pub mod qemu_img;
 pub mod systemd_guest;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

@@ -323,6 +323,111 @@ echo "E2E after_reset_readback_rc=$?"
 );
 
 matrix!(
+    /// A qcow2 disk over a raw backing file: the guest's fio writes (verified with crc32c) and a
+    /// pattern go to the top image, the host's seed line is read through from the base, and
+    /// afterwards the base is unchanged and `qemu-img` finds the top consistent, with the data.
+    blk_qcow2_with_backing_file_fio_verify,
+    |logs, guest, qemu| {
+        use vhost_user_tests::qemu_img;
+        let tag = random_tag();
+        let dir = tempfile::tempdir()?;
+        let base = make_disk(dir.path(), &tag)?;
+        let base_before = fs::read(&base)?;
+        let top = dir.path().join("top.qcow2");
+        qemu_img::create_over(&top, "disk.img", "raw")?;
+        let top_arg = top.to_string_lossy().into_owned();
+        let args = ["--file", &top_arg, "--format", "qcow2", "--num-queues", "2"];
+        let mut daemon = Daemon::start(BLK, &args)?;
+        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
+        logs.note_command(&format!(
+            "{BLK} --socket-path {} {}",
+            daemon.socket.display(),
+            args.join(" ")
+        ));
+        let pattern_block = PATTERN_OFFSET / 4096;
+        let script = format!(
+            r#"echo "E2E size_sectors=$(cat /sys/block/vda/size)"
+{seed}fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
+    --rw=randwrite --bs=4k --size={FIO_SIZE} --verify=crc32c --do_verify=1 \
+    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
+echo "E2E fio_rc=$?"
+echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
+cat /tmp/fio.err
+yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fsync 2>/dev/null
+echo "E2E pattern_write_rc=$?"
+dd if=/dev/vda bs=4096 skip={pattern_block} count={pattern_blocks} iflag=direct 2>/dev/null | cmp - /tmp/pattern
+echo "E2E pattern_readback_rc=$?"
+blkdiscard -o {DISCARD_OFFSET} -l {DISCARD_LEN} /dev/vda
+echo "E2E discard_rc=$?"
+sync
+echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
+"#,
+            seed = read_seed_script(),
+            pattern_blocks = PATTERN_LEN / 4096,
+        );
+        let config = VmConfig::new(qemu, script).blk(&daemon.socket, 2, false);
+        let mut vm = Vm::start(guest, &config, logs)?;
+        let out = vm.finish(BOOT_TIMEOUT, &|| false)?;
+        drop(vm);
+        ensure(daemon.terminate()?.success(), || "the daemon did not exit cleanly".into())?;
+
+        ensure(out.get_u64("size_sectors")? == DISK_SIZE / 512, || {
+            format!("guest sees {:?} sectors", out.get("size_sectors"))
+        })?;
+        let seed = format!("host-seeded-{tag}");
+        ensure(out.get("host_seed")? == seed, || {
+            format!(
+                "guest read {:?} through the backing file where the host wrote {seed:?}",
+                out.get("host_seed")
+            )
+        })?;
+        let fio = FioTerse::parse(out.get("fio")?)?;
+        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
+            format!("fio failed: rc {:?}, error {}", out.get("fio_rc"), fio.error())
+        })?;
+        ensure(
+            fio.write_kib() == FIO_SIZE / 1024 && fio.read_kib() == FIO_SIZE / 1024,
+            || format!("fio wrote {} KiB, verified {} KiB", fio.write_kib(), fio.read_kib()),
+        )?;
+        eprintln!(
+            "blk qcow2: fio 4k randwrite+verify (io_uring, iodepth 16): write {:.0} IOPS, verify read {:.0} IOPS",
+            fio.write_iops(),
+            fio.read_iops(),
+        );
+        ensure(
+            out.get_u64("pattern_write_rc")? == 0
+                && out.get_u64("pattern_readback_rc")? == 0
+                && out.get_u64("discard_rc")? == 0
+                && out.get_u64("io_errors")? == 0,
+            || "the pattern, the discard or the guest's I/O failed".into(),
+        )?;
+        // Writes went to the top: the base is byte for byte what it was.
+        ensure(fs::read(&base)? == base_before, || "the backing file changed".into())?;
+        qemu_img::check(&top, false)?;
+        let flat = dir.path().join("flat.raw");
+        qemu_img::run(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            &top_arg,
+            &flat.to_string_lossy(),
+        ])?;
+        ensure(
+            read_at(&flat, PATTERN_OFFSET, PATTERN_LEN)? == yes_pattern(&tag, PATTERN_LEN),
+            || "qemu-img reads another pattern from the top image".into(),
+        )?;
+        ensure(
+            read_at(&flat, SEED_OFFSET, seed.len())? == seed.as_bytes(),
+            || "qemu-img reads another seed through the backing file".into(),
+        )?;
+        Ok(())
+    }
+);
+
+matrix!(
     blk_readonly_export_refuses_guest_writes,
     |logs, guest, qemu| {
         let tag = random_tag();

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use vhost_user_common::chain::{host_iovecs, Segment};
+use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::GuestMemory;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -44,6 +45,9 @@ pub struct ExecContext {
     serial: Vec<u8>,
     /// Write-back cache on (the guest flushes); when off, every write is made durable.
     writeback: AtomicBool,
+    /// Failed requests are logged through this: a guest can fail them at will (a qcow2
+    /// image's metadata error fails every request that touches it).
+    errors: RateLimit,
 }
 
 impl ExecContext {
@@ -52,6 +56,7 @@ impl ExecContext {
             disk,
             serial,
             writeback: AtomicBool::new(true),
+            errors: RateLimit::default(),
         }
     }
 
@@ -195,11 +200,11 @@ pub fn execute_sync(request: &Request, ctx: &ExecContext, mem: &GuestMemory) -> 
     match result {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) => {
-            log::warn!(
+            ctx.errors.warn(format_args!(
                 "{}: {:?} failed: {e}",
                 disk.path().display(),
                 kind_name(&request.op)
-            );
+            ));
             VIRTIO_BLK_S_IOERR
         }
     }
@@ -278,10 +283,16 @@ impl UringEngine {
             log::warn!("descriptor {head} made available again while in flight; ignored");
             return None;
         }
-        let fd = types::Fd(disk.raw_fd());
         let (entry, buffers, expected) = match &request.op {
             Operation::Read { offset, data, len } | Operation::Write { offset, data, len } => {
                 let is_write = matches!(request.op, Operation::Write { .. });
+                // Where the bytes are on the host (a qcow2 image maps them); requests that need
+                // the image's own code (cluster allocation, ...) run synchronously.
+                let Some((fd, at)) = disk.direct_extent(*offset, *len, is_write) else {
+                    let status = execute_sync(&request, ctx, mem);
+                    return Some(request.finish(head, mem, status));
+                };
+                let fd = types::Fd(fd);
                 let buffers = match IoBuffers::new(disk, mem, data, *len, is_write) {
                     Ok(b) => b,
                     Err(e) => {
@@ -298,16 +309,16 @@ impl UringEngine {
                         0
                     };
                     opcode::Writev::new(fd, iov, count)
-                        .offset(*offset)
+                        .offset(at)
                         .rw_flags(flags)
                         .build()
                 } else {
-                    opcode::Readv::new(fd, iov, count).offset(*offset).build()
+                    opcode::Readv::new(fd, iov, count).offset(at).build()
                 };
                 (entry, Some(buffers), *len as usize)
             }
-            Operation::Flush => (
-                opcode::Fsync::new(fd)
+            Operation::Flush if !disk.flush_needs_sync_path() => (
+                opcode::Fsync::new(types::Fd(disk.raw_fd()))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),
                 None,

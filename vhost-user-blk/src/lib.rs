@@ -13,6 +13,7 @@ pub mod backend;
 pub mod disk;
 pub mod executor;
 pub mod pool;
+pub mod qcow2;
 pub mod queue;
 pub mod request;
 
@@ -46,9 +47,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .clone()
         .unwrap_or_else(|| disk.default_serial());
     log::info!(
-        "{}: {} bytes{}{}, {} queue(s) of {}, serial {serial:?}, {:?} engine{}",
+        "{}: {} bytes{}{}{}, {} queue(s) of {}, serial {serial:?}, {:?} engine{}",
         disk.path().display(),
         disk.size(),
+        disk.describe_format(),
         if disk.readonly() { ", read-only" } else { "" },
         if disk.direct() { ", O_DIRECT" } else { "" },
         config.num_queues,
