@@ -357,7 +357,11 @@ fn qcow2_sigkill_during_writes_leaves_a_consistent_image() -> Result<()> {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
     let _ = daemon.child.wait();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    drop(writers);
+    // The writers use the client's memory: they must be done before it is unmapped (a writer
+    // still in `do_io` after `drop(client)` crashed the test process).
+    for writer in writers {
+        drop(writer.join().map_err(|_| "a writer thread panicked")?);
+    }
     drop(client);
     let report = qemu_img::check(&image, true)?;
     assert!(!report.contains("ERROR"), "{report}");
