@@ -160,3 +160,119 @@ impl Qmp {
         }
     }
 }
+
+/// What QEMU's `query-migrate` reported for a completed migration.
+#[derive(Debug, Clone)]
+pub struct MigrationStats {
+    /// How long the guest was stopped (ms): the last pass over dirty memory, device state,
+    /// and stopping and starting the devices (the backends' GET_VRING_BASE drain included).
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    /// RAM sent, in bytes.
+    pub transferred: u64,
+    /// Passes over the dirty log.
+    pub dirty_sync_count: u64,
+}
+
+/// How fast a migration may send (bytes/s) and how long it may stop the guest at the end.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationLimits {
+    pub bandwidth: u64,
+    pub downtime_ms: u64,
+}
+
+impl MigrationLimits {
+    /// As fast as this machine goes (both QEMUs are here), with QEMU's default downtime limit.
+    pub const FULL_SPEED: MigrationLimits = MigrationLimits {
+        bandwidth: 4 << 30,
+        downtime_ms: 300,
+    };
+
+    /// Sets the limits of `source`'s migrations (also while one runs).
+    pub fn apply(self, source: &mut Qmp) -> Result<()> {
+        source.execute(
+            "migrate-set-parameters",
+            serde_json::json!({ "max-bandwidth": self.bandwidth, "downtime-limit": self.downtime_ms }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Starts migrating the VM behind `source` to `uri` within `limits`.
+pub fn start_migration(source: &mut Qmp, uri: &str, limits: MigrationLimits) -> Result<()> {
+    limits.apply(source)?;
+    source.execute("migrate", serde_json::json!({ "uri": uri }))?;
+    Ok(())
+}
+
+/// `query-migrate`, failing if the migration failed or was cancelled: (status, everything).
+pub fn query_migrate(source: &mut Qmp) -> Result<(String, serde_json::Value)> {
+    let info = source.execute("query-migrate", serde_json::json!({}))?;
+    let status = info
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("")
+        .to_string();
+    if status == "failed" || status == "cancelled" {
+        return Err(format!("migration {status}: {info}").into());
+    }
+    Ok((status, info))
+}
+
+/// Waits until QEMU has made `passes` passes over the dirty log (the first pass over all of
+/// memory is done when `passes` is 2).
+pub fn wait_dirty_syncs(source: &mut Qmp, passes: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, info) = query_migrate(source)?;
+        let syncs = info
+            .get("ram")
+            .and_then(|ram| ram.get("dirty-sync-count"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        if syncs >= passes {
+            return Ok(());
+        }
+        if status == "completed" {
+            return Err(format!("the migration completed after {syncs} passes").into());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{syncs} dirty-log passes after {timeout:?}: {info}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to `timeout`) until QEMU reports the migration completed.
+pub fn wait_migrated(source: &mut Qmp, timeout: Duration) -> Result<MigrationStats> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, info) = query_migrate(source)?;
+        if status == "completed" {
+            let number = |key: &str| info.get(key).and_then(serde_json::Value::as_u64);
+            let ram = |key: &str| {
+                info.get("ram")
+                    .and_then(|ram| ram.get(key))
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
+            return Ok(MigrationStats {
+                downtime_ms: number("downtime")
+                    .ok_or_else(|| format!("query-migrate has no downtime: {info}"))?,
+                total_ms: number("total-time").unwrap_or(0),
+                transferred: ram("transferred"),
+                dirty_sync_count: ram("dirty-sync-count"),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(format!("migration not completed after {timeout:?}: {info}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for `-incoming`).
+pub fn free_tcp_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
