@@ -426,7 +426,7 @@ fn regions_added_after_the_log_are_logged() -> Result<()> {
 #[test]
 fn a_log_larger_than_its_file_is_refused_and_the_daemon_survives() -> Result<()> {
     let Blk {
-        mut vmm,
+        vmm,
         log,
         mut daemon,
         _disk,
