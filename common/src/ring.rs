@@ -310,6 +310,51 @@ impl<H: RingHooks> Ring<H> {
         }
     }
 
+    /// Takes up to `max` available chains under one lock of the ring and one read of the
+    /// available index, handing each to `each`; when the ring looks empty, does what
+    /// [`Ring::pop`] does (re-arms kicks and looks once more, telling a broken ring apart).
+    /// Returns how many were taken; fewer than `max` means the ring is empty (kicks on), not
+    /// ready, or broken. For devices that take chains in batches: one lock per chain costs net
+    /// transmit about a tenth of its small-frame rate.
+    pub fn pop_batch<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        max: usize,
+        mut each: impl FnMut(DescriptorChain<&'m GuestMemory>),
+    ) -> usize {
+        if self.broken.is_some() || max == 0 {
+            return 0;
+        }
+        let mut taken = 0;
+        {
+            let mut state = self.vring.get_mut();
+            let queue = state.get_queue_mut();
+            if !queue.ready() {
+                return 0;
+            }
+            if let Ok(mut iter) = queue.iter(mem) {
+                while taken < max {
+                    let Some(chain) = iter.next() else {
+                        break;
+                    };
+                    self.hooks.taken(chain.head_index());
+                    each(chain);
+                    taken += 1;
+                }
+            }
+        }
+        // Whatever the iterator could not give (an empty ring, entries that arrived after its
+        // read, a broken ring) goes through the one-chain path, which tells them apart.
+        while taken < max {
+            let Some(chain) = self.pop(mem) else {
+                break;
+            };
+            each(chain);
+            taken += 1;
+        }
+        taken
+    }
+
     /// Asks the driver to kick when it makes a chain available. Returns true if one arrived
     /// in between; kicks are then off again, as the caller goes on draining. False for a
     /// broken ring.
@@ -581,6 +626,31 @@ mod tests {
         assert_eq!(recorded.returning.len(), 1, "one batch");
         assert_eq!(recorded.returning[0].1, 3);
         assert_eq!(recorded.returned, vec![3]);
+    }
+
+    #[test]
+    fn chains_are_taken_in_batches_up_to_the_limit() {
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let mut ring = Ring::with_hooks(queue.vring.clone(), "queue 0", Recorder(recorded.clone()));
+        add_chains(&mut queue, 5);
+        let mem = queue.memory();
+        let mut heads = Vec::new();
+        assert_eq!(ring.pop_batch(&mem, 3, |c| heads.push(c.head_index())), 3);
+        assert_eq!(ring.pop_batch(&mem, 3, |c| heads.push(c.head_index())), 2);
+        assert_eq!(heads, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            crate::lock(&recorded).taken,
+            heads,
+            "every chain goes through the hook"
+        );
+        assert_eq!(ring.pop_batch(&mem, 3, |_| {}), 0);
+        // The batch found the ring dry and re-armed kicks at the next entry, like `pop`.
+        assert_eq!(queue.avail_event(), 5);
+        // A far-ahead available index breaks the ring through a batch too.
+        queue.set_avail_idx(5 + SIZE + 1);
+        assert_eq!(ring.pop_batch(&mem, 3, |_| {}), 0);
+        assert!(ring.is_broken());
     }
 
     #[test]

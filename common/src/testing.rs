@@ -122,6 +122,16 @@ impl TestQueue {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The `avail_event` the device last wrote (EVENT_IDX: the available index at which it
+    /// wants the next kick).
+    pub fn avail_event(&self) -> u16 {
+        let size = self.vring.get_ref().get_queue().size();
+        self.mem
+            .memory()
+            .read_obj(USED_RING.unchecked_add(4 + 8 * u64::from(size)))
+            .unwrap_or_else(|e| panic!("avail_event: {e}"))
+    }
+
     /// The used entry at position `index` of the used ring: (head, length).
     pub fn used(&self, index: u16) -> (u32, u32) {
         let slot = u64::from(index % self.driver_size());

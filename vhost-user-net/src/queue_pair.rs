@@ -231,17 +231,13 @@ impl QueuePair {
         loop {
             let batch = &mut self.tx_batch;
             batch.clear();
-            let mut more = true;
-            while batch.frames.len() < TX_BATCH {
-                // Kicks come back on when the ring runs dry.
-                let Some(chain) = ring.pop(mem) else {
-                    more = false;
-                    break;
-                };
+            let tx_chain = &mut self.tx_chain;
+            // Kicks come back on when the ring runs dry.
+            let more = ring.pop_batch(mem, TX_BATCH, |chain| {
                 let head = chain.head_index();
                 let from = batch.iovecs.len();
                 let iovecs = match tx::frame_iovecs(
-                    &mut self.tx_chain,
+                    tx_chain,
                     head,
                     chain,
                     mem,
@@ -258,7 +254,7 @@ impl QueuePair {
                     }
                 };
                 batch.frames.push(TxFrame { head, iovecs });
-            }
+            }) == TX_BATCH;
             let mut done = 0;
             for frame in &batch.frames {
                 if let Some((from, to)) = frame.iovecs {

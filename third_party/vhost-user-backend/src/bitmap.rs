@@ -242,27 +242,31 @@ impl MmapLogReg {
     /// Maps `len` bytes of the log at `offset` in `fd`, as `VHOST_USER_SET_LOG_BASE` does:
     /// public so that backends can test their dirty-page logging without a frontend.
     pub fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
-        // The frontend's word for the size is checked against the file's: marking a page past
-        // its end would raise SIGBUS and kill the backend.
-        let mut stat = std::mem::MaybeUninit::<libc::stat>::zeroed();
-        // SAFETY: `fd` is a valid descriptor and `stat` has room for a `struct stat`.
-        if unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstat succeeded, so it initialised `stat`.
-        let file_size = u64::try_from(unsafe { stat.assume_init() }.st_size).unwrap_or(0);
-        if offset.checked_add(len).is_none_or(|end| end > file_size) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("log of {len} bytes at offset {offset} is beyond its {file_size}-byte file"),
-            ));
-        }
         let offset: isize = offset.io_try_into()?;
         let len: usize = len.io_try_into()?;
 
         // Let's uphold the safety contract for `std::ptr::offset()`.
         if len > isize::MAX as usize {
             return Err(io::Error::from(io::ErrorKind::InvalidData));
+        }
+
+        // mmap accepts a range past the end of the file, but the first page marked there
+        // raises SIGBUS and kills the backend: refuse a log that does not fit in its file.
+        // SAFETY: `stat` is plain old data (all-zero is valid) and fstat fills it.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a valid file descriptor and `stat` is valid for writes.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (offset as u64).checked_add(len as u64);
+        if end.map_or(true, |end| end > stat.st_size as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "dirty log of {len} bytes at offset {offset} does not fit in its {}-byte file",
+                    stat.st_size
+                ),
+            ));
         }
 
         // SAFETY: `fd` is a valid file descriptor and we are not using `libc::MAP_FIXED`.

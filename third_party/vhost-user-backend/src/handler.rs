@@ -753,6 +753,13 @@ where
             .map_err(VhostUserError::ReqHandlerError)
     }
 
+    fn send_rarp(&mut self, mac: [u8; 6]) -> VhostUserResult<()> {
+        // Only reached when the backend offers RARP (the request handler checks the feature).
+        self.backend
+            .send_rarp(mac)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
         Ok(MAX_MEM_SLOTS)
     }

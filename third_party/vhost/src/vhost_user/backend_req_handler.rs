@@ -111,6 +111,12 @@ pub trait VhostUserBackendReqHandler {
     #[cfg(feature = "postcopy")]
     fn postcopy_ack_mem_regions(&self) -> Result<()>;
     fn set_log_base(&self, log: &VhostUserLog, file: File) -> Result<()>;
+    /// Broadcast a fake RARP for the guest's MAC address (`VHOST_USER_SEND_RARP`), so that
+    /// switches learn where the guest is after a migration. Only sent when the backend offers
+    /// the `RARP` protocol feature.
+    fn send_rarp(&self, _mac: [u8; 6]) -> Result<()> {
+        Err(Error::InvalidOperation("not supported"))
+    }
 }
 
 /// Services provided to the frontend by the backend without interior mutability.
@@ -193,6 +199,9 @@ pub trait VhostUserBackendReqHandlerMut {
     #[cfg(feature = "postcopy")]
     fn postcopy_ack_mem_regions(&mut self) -> Result<()>;
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()>;
+    fn send_rarp(&mut self, _mac: [u8; 6]) -> Result<()> {
+        Err(Error::InvalidOperation("not supported"))
+    }
 }
 
 impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
@@ -373,6 +382,10 @@ impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: File) -> Result<()> {
         self.lock().unwrap().set_log_base(log, file)
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
+        self.lock().unwrap().send_rarp(mac)
     }
 }
 
@@ -898,6 +911,15 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 let msg = self.extract_request_body::<VhostUserLog>(&hdr, size, &buf)?;
                 self.backend.set_log_base(&msg, file)?;
                 self.send_reply_message(&hdr, &msg)?;
+            }
+            // The first 6 bytes of the payload are the guest's MAC address.
+            Ok(FrontendReq::SEND_RARP) => {
+                self.check_proto_feature(VhostUserProtocolFeatures::RARP)?;
+                let msg = self.extract_request_body::<VhostUserU64>(&hdr, size, &buf)?;
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&msg.value.to_ne_bytes()[..6]);
+                let res = self.backend.send_rarp(mac);
+                self.send_ack_message(&hdr, res)?;
             }
             _ => {
                 return Err(Error::InvalidMessage);
