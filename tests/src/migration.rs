@@ -22,7 +22,7 @@ use vhost::vhost_user::Frontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
 use crate::guest::Guest;
-use crate::qemu::{qemu_path, Logs, Vm, VmConfig};
+use crate::qemu::{Logs, Vm, VmConfig};
 use crate::{Result, TestVmm};
 
 /// `VHOST_F_LOG_ALL`: the frontend asks the backend to log its writes to guest memory.
@@ -172,6 +172,122 @@ impl Qmp {
     }
 }
 
+/// What QEMU's `query-migrate` reported for a completed migration.
+#[derive(Debug, Clone)]
+pub struct MigrationStats {
+    /// How long the guest was stopped (ms): the last pass over dirty memory, device state,
+    /// and stopping and starting the devices (the backends' GET_VRING_BASE drain included).
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    /// RAM sent, in bytes.
+    pub transferred: u64,
+    /// Passes over the dirty log.
+    pub dirty_sync_count: u64,
+}
+
+/// How fast a migration may send (bytes/s) and how long it may stop the guest at the end.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationLimits {
+    pub bandwidth: u64,
+    pub downtime_ms: u64,
+}
+
+impl MigrationLimits {
+    /// As fast as this machine goes (both QEMUs are here), with QEMU's default downtime limit.
+    pub const FULL_SPEED: MigrationLimits = MigrationLimits {
+        bandwidth: 4 << 30,
+        downtime_ms: 300,
+    };
+
+    /// Sets the limits of `source`'s migrations (also while one runs).
+    pub fn apply(self, source: &mut Qmp) -> Result<()> {
+        source.execute(
+            "migrate-set-parameters",
+            serde_json::json!({ "max-bandwidth": self.bandwidth, "downtime-limit": self.downtime_ms }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Starts migrating the VM behind `source` to `uri` within `limits`.
+pub fn start_migration(source: &mut Qmp, uri: &str, limits: MigrationLimits) -> Result<()> {
+    limits.apply(source)?;
+    source.execute("migrate", serde_json::json!({ "uri": uri }))?;
+    Ok(())
+}
+
+/// `query-migrate`, failing if the migration failed or was cancelled: (status, everything).
+pub fn query_migrate(source: &mut Qmp) -> Result<(String, serde_json::Value)> {
+    let info = source.execute("query-migrate", serde_json::json!({}))?;
+    let status = info
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("")
+        .to_string();
+    if status == "failed" || status == "cancelled" {
+        return Err(format!("migration {status}: {info}").into());
+    }
+    Ok((status, info))
+}
+
+/// Waits until QEMU has made `passes` passes over the dirty log (the first pass over all of
+/// memory is done when `passes` is 2).
+pub fn wait_dirty_syncs(source: &mut Qmp, passes: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, info) = query_migrate(source)?;
+        let syncs = info
+            .get("ram")
+            .and_then(|ram| ram.get("dirty-sync-count"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        if syncs >= passes {
+            return Ok(());
+        }
+        if status == "completed" {
+            return Err(format!("the migration completed after {syncs} passes").into());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{syncs} dirty-log passes after {timeout:?}: {info}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to `timeout`) until QEMU reports the migration completed.
+pub fn wait_migrated(source: &mut Qmp, timeout: Duration) -> Result<MigrationStats> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, info) = query_migrate(source)?;
+        if status == "completed" {
+            let number = |key: &str| info.get(key).and_then(serde_json::Value::as_u64);
+            let ram = |key: &str| {
+                info.get("ram")
+                    .and_then(|ram| ram.get(key))
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
+            return Ok(MigrationStats {
+                downtime_ms: number("downtime")
+                    .ok_or_else(|| format!("query-migrate has no downtime: {info}"))?,
+                total_ms: number("total-time").unwrap_or(0),
+                transferred: ram("transferred"),
+                dirty_sync_count: ram("dirty-sync-count"),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(format!("migration not completed after {timeout:?}: {info}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for `-incoming`).
+pub fn free_tcp_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
 /// Sends `VHOST_USER_SEND_RARP` for `mac` on the frontend's connection, with NEED_REPLY, and
 /// returns the backend's answer (0: done). `vhost`'s frontend has no method for it: the message
 /// is written by hand (header: request 19, flags version 1 | NEED_REPLY, size 8; payload: the
@@ -278,19 +394,12 @@ impl MigratingVm {
             .tempdir_in("/tmp")?;
         let source_qmp = dir.path().join("source.qmp");
         let destination_qmp = dir.path().join("destination.qmp");
-        let port = free_port()?;
-        let qmp = |path: &Path| {
-            vec![
-                "-qmp".to_string(),
-                format!("unix:{},server=on,wait=off", qemu_path(path)),
-            ]
-        };
+        let port = free_tcp_port()?;
         let mut src = source.clone();
-        src.devices.extend(qmp(&source_qmp));
+        src.qmp = Some(source_qmp.clone());
         let mut dst = destination.clone();
-        dst.devices.extend(qmp(&destination_qmp));
-        dst.devices
-            .extend(["-incoming".to_string(), format!("tcp:127.0.0.1:{port}")]);
+        dst.qmp = Some(destination_qmp.clone());
+        dst.incoming = Some(format!("tcp:127.0.0.1:{port}"));
         let destination = Vm::start(guest, &dst, destination_logs)?;
         let source = Vm::start(guest, &src, source_logs)?;
         Ok(MigratingVm {
@@ -309,15 +418,9 @@ impl MigratingVm {
         let mut src = Qmp::connect(&self.source_qmp, Duration::from_secs(10))?;
         let mut dst = Qmp::connect(&self.destination_qmp, Duration::from_secs(10))?;
         // QEMU 7.2 caps migration at 32 MiB/s by default; loopback needs no cap.
-        src.execute(
-            "migrate-set-parameters",
-            serde_json::json!({ "max-bandwidth": 8u64 << 30, "downtime-limit": 300 }),
-        )?;
         let started = Instant::now();
-        src.execute(
-            "migrate",
-            serde_json::json!({ "uri": format!("tcp:127.0.0.1:{}", self.port) }),
-        )?;
+        let uri = format!("tcp:127.0.0.1:{}", self.port);
+        start_migration(&mut src, &uri, MigrationLimits::FULL_SPEED)?;
         let deadline = started + timeout;
         let mut completed: Option<(Instant, serde_json::Value)> = None;
         let mut running: Option<Instant> = None;
@@ -365,12 +468,6 @@ impl MigratingVm {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------------

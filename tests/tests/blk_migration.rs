@@ -423,6 +423,48 @@ fn regions_added_after_the_log_are_logged() -> Result<()> {
     blk.expect_marked("reads after a new SET_MEM_TABLE", &[&into_extra, &into_ram])
 }
 
+#[test]
+fn a_log_larger_than_its_file_is_refused_and_the_daemon_survives() -> Result<()> {
+    let Blk {
+        vmm,
+        log,
+        mut daemon,
+        _disk,
+    } = blk(Place::Ext4, &[])?;
+    // Marking past the end of the memfd would raise SIGBUS in the daemon.
+    let mut region = log.region();
+    region.mmap_size = 64 * log.size;
+    assert!(
+        vmm.frontend.set_log_base(0, Some(region)).is_err(),
+        "SET_LOG_BASE with a log larger than its file was accepted"
+    );
+    drop(vmm);
+    assert!(daemon.is_running(), "{}", daemon.log_tail(10));
+    // The next frontend is served.
+    let negotiate = Negotiate {
+        protocol: Negotiate::default().protocol | VhostUserProtocolFeatures::LOG_SHMFD,
+        ..Negotiate::default()
+    };
+    let mut blk = Blk {
+        vmm: TestVmm::connect(&daemon.socket, RAM, 1, QUEUE_SIZE, negotiate)?,
+        log: DirtyLog::new(2 * RAM)?,
+        daemon,
+        _disk,
+    };
+    blk.vmm.acknowledge_every_request();
+    blk.start_logging()?;
+    let read = request(
+        &mut blk.vmm.ram,
+        T_IN,
+        0,
+        Data::Writable {
+            len: 512,
+            offset: 0,
+        },
+    )?;
+    blk.expect_marked("a read on the next connection", &[&read])
+}
+
 /// The descriptors open in `pid`.
 fn open_fds(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())

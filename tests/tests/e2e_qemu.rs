@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vhost_user_tests::guest::{Guest, GuestKernel};
+use vhost_user_tests::migration::{self, Qmp};
 use vhost_user_tests::netns::{require_root, Background, Netns};
 use vhost_user_tests::qemu::{
     ensure, FioTerse, GuestOutput, Logs, Qemu, QemuVersion, Vm, VmConfig,
@@ -60,14 +61,16 @@ fn e2e(
 
 /// One test per QEMU of the matrix, `NAME::qemu72` and `NAME::qemu11`, running the same body:
 /// QEMU 7.2 with Debian 12's kernel (what a Debian 12 host runs), QEMU 11 with the newest
-/// Debian kernel. Each spells its options through [`Qemu`].
+/// Debian kernel. Each spells its options through [`Qemu`]. `qemu72_ignored = "why"` marks the
+/// 7.2 test `#[ignore]` when QEMU 7.2 itself cannot pass it (the reason says what it does).
 macro_rules! matrix {
-    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+    (@tests $(#[$doc:meta])* $name:ident, [$(#[$qemu72:meta])*], $body:expr) => {
         $(#[$doc])*
         mod $name {
             use super::*;
 
             #[test]
+            $(#[$qemu72])*
             fn qemu72() {
                 e2e(
                     concat!(stringify!($name), "_qemu72"),
@@ -87,6 +90,12 @@ macro_rules! matrix {
                 );
             }
         }
+    };
+    ($(#[$doc:meta])* $name:ident, qemu72_ignored = $why:literal, $body:expr) => {
+        matrix!(@tests $(#[$doc])* $name, [#[ignore = $why]], $body);
+    };
+    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+        matrix!(@tests $(#[$doc])* $name, [], $body);
     };
 }
 
@@ -612,6 +621,351 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         Ok(())
     }
 );
+
+/// Who serves the disk on each side of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlkPeer {
+    /// Our daemon.
+    Ours,
+    /// qemu-storage-daemon's vhost-user-blk export (QEMU's own backend), for comparison.
+    Qsd,
+    /// No vhost-user at all: QEMU's built-in virtio-blk on the image (a control experiment).
+    BuiltIn,
+}
+
+/// The disk device of one side of a migration, and the backend serving it (none for QEMU's
+/// built-in virtio-blk); `role` names the backend's log.
+fn attach_blk(
+    config: VmConfig,
+    peer: BlkPeer,
+    disk: &std::path::Path,
+    role: &str,
+    logs: &Logs,
+) -> Result<(VmConfig, Option<Daemon>)> {
+    if peer == BlkPeer::BuiltIn {
+        let mut config = config;
+        config.devices.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
+                vhost_user_tests::qemu::qemu_path(disk)
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0,num-queues=2".into(),
+        ]);
+        return Ok((config, None));
+    }
+    let daemon = blk_peer(peer, disk, role, logs)?;
+    Ok((config.blk(&daemon.socket, 2, false), Some(daemon)))
+}
+
+/// fio's verified region and each pass's size.
+const MIGRATION_FIO_SIZE: u64 = 8 << 20;
+/// The host writes `STOP` here to end the guest's loop of fio passes...
+const STOP_OFFSET: u64 = 240 << 20;
+/// ...and `READ` here to have the guest read [CACHED_OFFSET, + CACHED_LEN) into its page cache
+/// during the migration.
+const READ_OFFSET: u64 = 241 << 20;
+const CACHED_OFFSET: u64 = 128 << 20;
+const CACHED_LEN: u64 = 64 << 20;
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A backend for `disk` on `socket`: `role` names its log ("source", "destination").
+fn blk_peer(peer: BlkPeer, disk: &std::path::Path, role: &str, logs: &Logs) -> Result<Daemon> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("blk.sock");
+    let daemon = match peer {
+        BlkPeer::BuiltIn => return Err("QEMU's built-in virtio-blk has no backend".into()),
+        BlkPeer::Ours => {
+            let disk = disk.to_string_lossy();
+            let args = ["--file", disk.as_ref(), "--num-queues", "2"];
+            Daemon::start_at(BLK, &args, socket, dir)?
+        }
+        BlkPeer::Qsd => {
+            let qsd = vhost_user_tests::guest::find_program("qemu-storage-daemon")
+                .ok_or("qemu-storage-daemon is not installed (Debian: qemu-system-common)")?;
+            let mut command = std::process::Command::new(qsd);
+            // Both sides open the image for writing: QEMU's image locking would refuse it.
+            command.args([
+                "--blockdev".to_string(),
+                format!(
+                    "driver=file,node-name=f,filename={},locking=off",
+                    disk.display()
+                ),
+                "--export".to_string(),
+                format!(
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                    socket.display()
+                ),
+            ]);
+            Daemon::start_command(command, socket, dir)?
+        }
+    };
+    logs.note_command(&format!(
+        "# {role} backend: {peer:?} on {}",
+        daemon.socket.display()
+    ));
+    Ok(daemon)
+}
+
+/// Writes `marker` into the image at `offset` (the guest polls for it with O_DIRECT reads).
+fn write_marker(disk: &std::path::Path, offset: u64, marker: &[u8]) -> Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(disk)?
+        .write_all_at(marker, offset)?;
+    Ok(())
+}
+
+/// What one migration under fio looked like.
+#[derive(Debug)]
+struct BlkMigration {
+    stats: migration::MigrationStats,
+    /// fio passes (each verified) before the migration, and on the destination.
+    passes_before: u64,
+    passes_after: u64,
+}
+
+/// Boots a guest on the source, whose disk is served by `peer` over the image file, with a
+/// second QEMU waiting for it (`-incoming`) next to a second backend on the same file. The
+/// guest runs fio passes, each random 4 KiB writes with crc32c verification while it writes
+/// (`verify_backlog`: reads, so the backend writes guest memory during the migration) and of
+/// the whole region at the end. After the first pass, QMP `migrate`; the destination must run
+/// the pass the migration interrupted and one more, all verified, before the host stops the
+/// loop (`STOP` in the image).
+///
+/// fio checks what it reads at once, on the side that read it, so it would not notice a page
+/// the backend wrote and did not mark (the destination would hold the page's older copy). The
+/// page cache does: once QEMU's first pass over memory is done (every page sent once), the
+/// guest reads 64 MiB of known data into its page cache (buffered reads: the backend writes
+/// the pages by DMA, through io_uring), and on the destination compares the cached copy with
+/// the disk. The migration is held back until that read is done: a downtime limit of 1 ms,
+/// 64 MiB/s for the first pass and 1 MiB/s after it, while the guest dirties 16 MiB over and
+/// over; QEMU never has little enough left to finish.
+fn blk_migration(logs: &Logs, guest: &Guest, qemu: &Qemu, peer: BlkPeer) -> Result<BlkMigration> {
+    let tag = random_tag();
+    let dir = tempfile::tempdir()?;
+    let disk = make_disk(dir.path(), &tag)?;
+
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)?
+        .write_all_at(
+            &binary_pattern(CACHED_LEN as usize, 0x6d69_6772),
+            CACHED_OFFSET,
+        )?;
+    let script = format!(
+        r#"marker() {{ dd if=/dev/vda bs=512 skip=$1 count=1 iflag=direct 2>/dev/null | head -c 4; }}
+(
+    while [ "$(marker {read_sector})" != HOLD ]; do sleep 0.1; done
+    # 16 MiB of memory dirtied over and over (the kernel zeroes dd's buffer): more than the
+    # held-back migration can send within its downtime limit, so it cannot finish yet.
+    dd if=/dev/zero of=/dev/null bs=16M count=1000000 &
+    DIRTIER=$!
+    echo "E2E holding=1"
+    while [ "$(marker {read_sector})" != READ ]; do sleep 0.1; done
+    dd if=/dev/vda of=/dev/null bs=1M skip={cached_mib} count={cached_len_mib} 2>/dev/null
+    echo "E2E cache_filled=$?"
+    kill $DIRTIER
+) &
+READER=$!
+i=0
+while [ $i -lt 60 ]; do
+    i=$((i + 1))
+    fio --name=migration --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
+        --rw=randwrite --bs=4k --size={MIGRATION_FIO_SIZE} --randseed=$i --verify=crc32c \
+        --verify_backlog=64 --do_verify=1 --output-format=terse --terse-version=3 \
+        > /tmp/fio.out 2> /tmp/fio.err
+    rc=$?
+    [ $rc -eq 0 ] || {{ cat /tmp/fio.err; grep '^3;' /tmp/fio.out; }}
+    echo "E2E pass_$i=$rc"
+    [ "$(marker {stop_sector})" = STOP ] && break
+done
+echo "E2E passes=$i"
+wait $READER
+cached=$(dd if=/dev/vda bs=1M skip={cached_mib} count={cached_len_mib} 2>/dev/null | md5sum)
+echo 3 > /proc/sys/vm/drop_caches
+on_disk=$(dd if=/dev/vda bs=1M skip={cached_mib} count={cached_len_mib} iflag=direct 2>/dev/null | md5sum)
+echo "E2E page_cache_matches_disk=$([ "$cached" = "$on_disk" ] && echo 1 || echo 0)"
+echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
+"#,
+        stop_sector = STOP_OFFSET / 512,
+        read_sector = READ_OFFSET / 512,
+        cached_mib = CACHED_OFFSET >> 20,
+        cached_len_mib = CACHED_LEN >> 20,
+    );
+    let qmp_dir = tempfile::tempdir()?;
+    let source_qmp = qmp_dir.path().join("source.qmp");
+    let destination_qmp = qmp_dir.path().join("destination.qmp");
+    let uri = format!("tcp:127.0.0.1:{}", migration::free_tcp_port()?);
+    let mut source_config = VmConfig::new(qemu, script);
+    source_config.name = Some("source".into());
+    source_config.qmp = Some(source_qmp.clone());
+    let destination_config = source_config.migration_target("destination", &destination_qmp, &uri);
+    let (source_config, source_blk) = attach_blk(source_config, peer, &disk, "source", logs)?;
+    let _keep_source = source_blk
+        .as_ref()
+        .map(|d| logs.keep(&d.log, "blk.source.log"));
+    let (destination_config, destination_blk) =
+        attach_blk(destination_config, peer, &disk, "destination", logs)?;
+    let _keep_destination = destination_blk
+        .as_ref()
+        .map(|d| logs.keep(&d.log, "blk.destination.log"));
+    let mut destination = Vm::start(guest, &destination_config, logs)?;
+    let mut source = Vm::start(guest, &source_config, logs)?;
+    let mut source_qmp = Qmp::connect(&source_qmp, Duration::from_secs(30))?;
+    let mut destination_qmp = Qmp::connect(&destination_qmp, Duration::from_secs(30))?;
+
+    source.wait_for("pass_1", BOOT_TIMEOUT)?;
+    write_marker(&disk, READ_OFFSET, b"HOLD")?;
+    source.wait_for("holding", MIGRATION_TIMEOUT)?;
+    // Held back: 64 MiB/s (the first pass takes seconds), 1 ms of downtime (it needs less
+    // than 16 dirty pages to finish, and the guest's dirtier keeps 4096 dirty).
+    let held = migration::MigrationLimits {
+        bandwidth: 64 << 20,
+        downtime_ms: 1,
+    };
+    migration::start_migration(&mut source_qmp, &uri, held)?;
+    // Every page was sent once: what the backend writes from now on reaches the destination
+    // only through the dirty log.
+    migration::wait_dirty_syncs(&mut source_qmp, 2, MIGRATION_TIMEOUT)?;
+    // Held back for good: at 1 MiB/s for 1 ms QEMU would need less than a page left to send.
+    let stalled = migration::MigrationLimits {
+        bandwidth: 1 << 20,
+        downtime_ms: 1,
+    };
+    stalled.apply(&mut source_qmp)?;
+    write_marker(&disk, READ_OFFSET, b"READ")?;
+    source.wait_for("cache_filled", MIGRATION_TIMEOUT)?;
+    let (status, _) = migration::query_migrate(&mut source_qmp)?;
+    ensure(status == "active", || {
+        format!("the migration is {status} before the guest's read ended: the check is void")
+    })?;
+    migration::MigrationLimits::FULL_SPEED.apply(&mut source_qmp)?;
+    let stats = migration::wait_migrated(&mut source_qmp, MIGRATION_TIMEOUT)?;
+    let status = destination_qmp.execute("query-status", serde_json::json!({}))?;
+    ensure(
+        status.get("status").and_then(|s| s.as_str()) == Some("running"),
+        || format!("the destination is not running after the migration: {status}"),
+    )?;
+    // The source stopped for good: what it reported is final.
+    let before = GuestOutput::parse(&source.serial_text());
+    let passes_before = before
+        .pairs
+        .iter()
+        .filter(|(k, _)| k.starts_with("pass_"))
+        .count() as u64;
+    drop(source_qmp);
+    drop(source);
+    // The pass the migration interrupted, and a whole one on the destination.
+    destination.wait_for(&format!("pass_{}", passes_before + 2), MIGRATION_TIMEOUT)?;
+    write_marker(&disk, STOP_OFFSET, b"STOP")?;
+    let after = destination.finish(BOOT_TIMEOUT + MIGRATION_TIMEOUT, &|| false)?;
+    let serial = destination.serial_text();
+    drop(destination);
+
+    for (key, rc) in before.pairs.iter().chain(&after.pairs) {
+        if key.starts_with("pass_") {
+            ensure(rc == "0", || {
+                format!("fio {key} failed (rc {rc}): a verify error")
+            })?;
+        }
+    }
+    for sign in ["is not a head", "Kernel panic", "BUG:", "Oops"] {
+        ensure(!serial.contains(sign), || {
+            format!("the destination guest logged {sign:?}")
+        })?;
+    }
+    ensure(after.get_u64("io_errors")? == 0, || {
+        "the destination guest logged I/O errors".into()
+    })?;
+    ensure(before.get_u64("cache_filled")? == 0, || {
+        "the guest's buffered read during the migration failed".into()
+    })?;
+    ensure(after.get_u64("page_cache_matches_disk")? == 1, || {
+        "the destination's page cache differs from the disk: pages the backend wrote during \
+         the migration were not marked in the dirty log"
+            .into()
+    })?;
+    let passes_after = after.get_u64("passes")? - passes_before;
+    let migration = BlkMigration {
+        stats,
+        passes_before,
+        passes_after,
+    };
+    logs.note_command(&format!("# result: {migration:?}"));
+    eprintln!(
+        "blk migration ({peer:?}, {}): downtime {} ms, total {} ms, {} MiB of RAM sent in {} \
+         dirty-log passes; {} verified fio passes before, {} on the destination",
+        qemu.banner,
+        migration.stats.downtime_ms,
+        migration.stats.total_ms,
+        migration.stats.transferred >> 20,
+        migration.stats.dirty_sync_count,
+        migration.passes_before,
+        migration.passes_after,
+    );
+    Ok(migration)
+}
+
+matrix!(
+    /// Live migration between two QEMUs on this machine, one vhost-user-blk daemon per side on
+    /// the same image, while the guest writes and verifies with fio: zero verify errors, the
+    /// page cache filled during the migration intact, the downtime reported.
+    ///
+    /// QEMU 7.2 (TCG) corrupts the destination guest in this test whatever serves the disk,
+    /// in about one run in two: with this daemon, fio verify errors (a buffer holding another
+    /// block's data) or a kernel crash; with qemu-storage-daemon
+    /// (`blk_live_migration_qsd_peer::qemu72`) a kernel crash; with QEMU's built-in
+    /// virtio-blk, no vhost-user at all (`::qemu72_built_in_virtio_blk`), the same kernel
+    /// crash (NULL pointer dereference in an interrupt, RIP 0) or fio aborting. QEMU 7.2's
+    /// own migration of a busy TCG guest is at fault; QEMU 11.1 passes every time. Hence
+    /// ignored on 7.2: run it with `--ignored` to see (README, "Live migration").
+    blk_live_migration_under_fio_verify,
+    qemu72_ignored = "QEMU 7.2 corrupts busy TCG guests it migrates, with its built-in virtio-blk too: see the doc comment",
+    |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::Ours).map(drop)
+);
+
+/// The same migration with qemu-storage-daemon, QEMU's own backend, on both sides, and with
+/// QEMU's built-in virtio-blk: the references (run with `--ignored`). On QEMU 7.2 both fail
+/// about one run in two (see `blk_live_migration_under_fio_verify`).
+mod blk_live_migration_qsd_peer {
+    use super::*;
+
+    #[test]
+    #[ignore = "a comparison with QEMU's own backend, run by hand"]
+    fn qemu72() {
+        e2e(
+            "blk_live_migration_qsd_peer_qemu72",
+            QemuVersion::Qemu72,
+            GuestKernel::Host,
+            |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::Qsd).map(drop),
+        );
+    }
+
+    /// The control: QEMU 7.2's built-in virtio-blk, no vhost-user.
+    #[test]
+    #[ignore = "a comparison with QEMU's own device, run by hand"]
+    fn qemu72_built_in_virtio_blk() {
+        e2e(
+            "blk_live_migration_built_in_qemu72",
+            QemuVersion::Qemu72,
+            GuestKernel::Host,
+            |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::BuiltIn).map(drop),
+        );
+    }
+
+    #[test]
+    #[ignore = "a comparison with QEMU's own backend, run by hand"]
+    fn qemu11() {
+        e2e(
+            "blk_live_migration_qsd_peer_qemu11",
+            QemuVersion::Qemu11,
+            GuestKernel::Newest,
+            |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::Qsd).map(drop),
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // vhost-user-net

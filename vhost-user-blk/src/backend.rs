@@ -20,6 +20,7 @@ use vhost_user_common::device::{
     read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
 };
 use vhost_user_common::inflight;
+use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -236,7 +237,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         let before = self.acked_features.swap(features, Ordering::Relaxed);
-        if (before ^ features) & MIGRATION_FEATURES != 0 {
+        // A frontend could toggle the bit in a loop: the lines are rate-limited.
+        static LOGGING_CHANGES: RateLimit = RateLimit::new(Duration::from_secs(1), 4);
+        if (before ^ features) & MIGRATION_FEATURES != 0 && LOGGING_CHANGES.allow() {
             if features & MIGRATION_FEATURES != 0 {
                 log::info!("live migration: writes to guest memory are logged");
             } else {
