@@ -353,11 +353,15 @@ fn qcow2_sigkill_during_writes_leaves_a_consistent_image() -> Result<()> {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
     let _ = daemon.child.wait();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    drop(writers);
+    // The writers use the client's memory: they end (their last batch times out) before it is
+    // unmapped.
+    for writer in writers {
+        drop(writer.join().map_err(|_| "writer thread panicked")?);
+    }
     drop(client);
     let report = qemu_img::check(&image, true)?;
     assert!(!report.contains("ERROR"), "{report}");
