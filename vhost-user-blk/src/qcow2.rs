@@ -23,8 +23,10 @@
 //!
 //! **Durability.** Metadata changes live in imago's caches until a FLUSH, which writes them back
 //! (refcount blocks before the L2 tables that point to new clusters, in imago's dependency
-//! order) and syncs the file. Killed without a flush, the image may leak clusters but is never
-//! corrupt; what was flushed reads back.
+//! order) and syncs the file. Killed without a flush, the image may leak clusters; what was
+//! flushed reads back. imago writes a new L2 table's L1 entry at once, ahead of its refcount:
+//! writes that allocate L2 tables are followed by a write-back of the caches
+//! ([`Qcow2Image::new_l2`]), which leaves that window only between two system calls.
 //!
 //! **Safety of names.** The format is never probed: `--format` says it, and a backing file's
 //! format must be recorded in the image (`qemu-img create -F`) or given with `--backing-format`.
@@ -234,9 +236,14 @@ pub struct ImageOptions {
 /// What the header says, read by us before imago: the refusals an operator must understand.
 struct HeaderFacts {
     cluster_bits: u32,
+    /// Where the L1 table is, and its entries.
+    l1_offset: u64,
+    l1_entries: u32,
 }
 
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
+/// The L2 table offset in an L1 entry.
+const L1_L2_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
@@ -311,8 +318,12 @@ fn check_header(file: &File, path: &Path) -> Result<HeaderFacts, ImageError> {
             ));
         }
     }
+    let mut l1 = [0u8; 8];
+    l1.copy_from_slice(&header[40..48]);
     Ok(HeaderFacts {
         cluster_bits: be32(20),
+        l1_offset: u64::from_be_bytes(l1),
+        l1_entries: be32(36),
     })
 }
 
@@ -368,6 +379,17 @@ pub struct Qcow2Image {
     /// The chain, top first, for the start-up log.
     chain: Vec<(PathBuf, ImageFormat)>,
     cluster_size: u64,
+    /// The top image's L1 table, read through its own descriptor: see [`Qcow2Image::new_l2`].
+    l1: L1Probe,
+}
+
+/// Reads L1 entries of the top image from the file (imago writes them through at once).
+struct L1Probe {
+    file: File,
+    offset: u64,
+    entries: u64,
+    /// log2 of the guest bytes one L2 table maps.
+    l2_span_bits: u32,
 }
 
 impl fmt::Debug for Qcow2Image {
@@ -383,7 +405,7 @@ impl Qcow2Image {
     /// Opens `path` as qcow2 and every backing file under it (read-only).
     pub fn open(path: &Path, options: &ImageOptions) -> Result<Qcow2Image, ImageError> {
         let mut chain = Vec::new();
-        let (access, cluster_bits) = open_qcow2(
+        let (access, facts, file) = open_qcow2(
             path,
             options.writable,
             options.direct,
@@ -391,10 +413,17 @@ impl Qcow2Image {
             options.backing_format,
             &mut chain,
         )?;
+        let cluster_bits = facts.cluster_bits.clamp(9, 31);
         Ok(Qcow2Image {
             access,
             chain,
-            cluster_size: 1u64 << cluster_bits.min(31),
+            cluster_size: 1u64 << cluster_bits,
+            l1: L1Probe {
+                file,
+                offset: facts.l1_offset,
+                entries: u64::from(facts.l1_entries),
+                l2_span_bits: 2 * cluster_bits - 3,
+            },
         })
     }
 
@@ -475,7 +504,40 @@ impl Qcow2Image {
                 })
             })
             .collect();
-        guard(|| self.access.writev(IoVector::from(slices), offset))
+        let new_l2 = self.new_l2(offset, iov.iter().map(|v| v.iov_len as u64).sum());
+        guard(|| self.access.writev(IoVector::from(slices), offset))?;
+        self.settle_new_l2(new_l2)
+    }
+
+    /// Whether writing `[offset, offset + len)` makes imago allocate an L2 table: an L1 entry of
+    /// the range is empty.
+    ///
+    /// imago writes a new L2 table's L1 entry to the file at once, but the refcount of the
+    /// table's cluster only later, with its cached refcount blocks. A daemon killed in between
+    /// would leave an L1 entry pointing at a cluster with refcount 0: a corrupt image. So after
+    /// such a write the caches are written back at once ([`Qcow2Image::settle_new_l2`]),
+    /// which leaves that window only between two system calls of one thread.
+    fn new_l2(&self, offset: u64, len: u64) -> bool {
+        let l1 = &self.l1;
+        let first = offset >> l1.l2_span_bits;
+        let last = offset.saturating_add(len.max(1) - 1) >> l1.l2_span_bits;
+        (first..=last).any(|index| {
+            let mut entry = [0u8; 8];
+            index < l1.entries
+                && l1
+                    .file
+                    .read_exact_at(&mut entry, l1.offset.saturating_add(index * 8))
+                    .map_or(true, |()| u64::from_be_bytes(entry) & L1_L2_OFFSET == 0)
+        })
+    }
+
+    /// After a write that allocated L2 tables: refcount blocks, then L2 tables, written back
+    /// (no fsync: this is about the order of writes, not durability).
+    fn settle_new_l2(&self, new_l2: bool) -> io::Result<()> {
+        if new_l2 {
+            guard(|| self.access.flush())?;
+        }
+        Ok(())
     }
 
     /// Makes the range read back as zeroes. Whole clusters become zero clusters that keep their
@@ -487,13 +549,16 @@ impl Qcow2Image {
         } else {
             Vec::new()
         };
+        let new_l2 = self.new_l2(offset, len);
         match guard(|| self.access.write_zeroes(offset, len)) {
             // Version 2 images have no zero clusters: zeroes are written as data.
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                return self.write_zero_data(offset, len)
+                self.write_zero_data(offset, len)?;
+                return self.settle_new_l2(new_l2);
             }
             other => other?,
         }
+        self.settle_new_l2(new_l2)?;
         for (fd, host, run) in holes {
             // A hint: a file system that cannot punch keeps the (unreadable) old data.
             let _ = punch_hole(fd, host, run);
@@ -579,7 +644,7 @@ fn open_qcow2(
     backing: Option<&Path>,
     backing_format: Option<ImageFormat>,
     chain: &mut Vec<(PathBuf, ImageFormat)>,
-) -> Result<(FormatAccess<ImageFile>, u32), ImageError> {
+) -> Result<(FormatAccess<ImageFile>, HeaderFacts, File), ImageError> {
     if chain.len() >= MAX_CHAIN {
         return Err(ImageError::ChainTooDeep {
             path: chain.first().map(|c| c.0.clone()).unwrap_or_default(),
@@ -635,7 +700,7 @@ fn open_qcow2(
     };
     qcow2.set_data_file(None);
     qcow2.set_backing(layer);
-    Ok((FormatAccess::new(qcow2), facts.cluster_bits))
+    Ok((FormatAccess::new(qcow2), facts, plain))
 }
 
 /// Opens a backing layer, read-only.
@@ -655,7 +720,7 @@ fn open_backing(
     };
     match format {
         ImageFormat::Qcow2 => {
-            let (access, _) =
+            let (access, _, _) =
                 open_qcow2(path, false, direct, None, None, chain).map_err(|e| match e {
                     ImageError::Open { source, .. } => wrap(source),
                     other => other,
