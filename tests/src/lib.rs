@@ -17,6 +17,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod blkio_client;
+pub mod ceph;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
