@@ -179,7 +179,18 @@ fn blk() -> Vec<Allow> {
 /// librados / librbd while serving: its messenger's TCP connections to monitors and OSDs
 /// (made again after a daemon restarts), its worker threads and timers.
 fn rbd() -> Vec<Allow> {
-    vec![]
+    vec![
+        // A new connection for each OSD (and monitor) met, again when one restarts.
+        ArgIn(
+            libc::SYS_socket,
+            0,
+            vec![libc::AF_INET as u64, libc::AF_INET6 as u64],
+        ),
+        Any(libc::SYS_connect),
+        Any(libc::SYS_setsockopt),
+        // The messenger names its host in each new session.
+        Any(libc::SYS_uname),
+    ]
 }
 
 fn net() -> Vec<Allow> {
@@ -405,7 +416,12 @@ mod tests {
     fn forbidden_calls_kill_with_sigsys() {
         use nix::sys::signal::Signal;
         use nix::sys::wait::WaitStatus;
-        for profile in [Profile::Blk, Profile::Net, Profile::Console] {
+        for profile in [
+            Profile::Blk,
+            Profile::BlkRbd,
+            Profile::Net,
+            Profile::Console,
+        ] {
             for body in [ptrace_traceme as fn() -> i32, mount_proc] {
                 let status = in_child(profile, SeccompMode::Kill, body);
                 assert!(

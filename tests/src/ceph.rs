@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Result;
@@ -16,19 +17,55 @@ pub const POOL: &str = "rbd";
 
 /// Whether Ceph's daemons are installed (the RBD tests need them).
 pub fn installed() -> bool {
-    ["ceph-mon", "ceph-osd", "ceph", "rbd", "ceph-authtool", "monmaptool"]
-        .iter()
-        .all(|tool| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
+    [
+        "ceph-mon",
+        "ceph-osd",
+        "ceph",
+        "rbd",
+        "ceph-authtool",
+        "monmaptool",
+    ]
+    .iter()
+    .all(|tool| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// At most this many clusters run at once in one test process: each is a monitor, an OSD and
+/// a client daemon, and more than two on two cores make requests time out.
+const MAX_RUNNING: usize = 2;
+static RUNNING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// A place among the [`MAX_RUNNING`] clusters, given back on drop.
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let (count, freed) = &RUNNING;
+        let mut count = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *count >= MAX_RUNNING {
+            count = freed.wait(count).unwrap_or_else(|e| e.into_inner());
+        }
+        *count += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (count, freed) = &RUNNING;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        freed.notify_one();
+    }
 }
 
 /// A running one-monitor, one-OSD cluster.
 pub struct Cluster {
+    _slot: Slot,
     dir: tempfile::TempDir,
     conf: PathBuf,
     keyring: PathBuf,
@@ -70,6 +107,7 @@ fn uuid() -> Result<String> {
 impl Cluster {
     /// Starts the cluster and creates pool [`POOL`]; ready for `rbd create`.
     pub fn start() -> Result<Cluster> {
+        let slot = Slot::take();
         let dir = tempfile::Builder::new().prefix("ceph-test").tempdir()?;
         let d = dir.path();
         for sub in ["run", "mon", "osd"] {
@@ -122,7 +160,14 @@ impl Cluster {
             ),
             (
                 "osd.0",
-                vec!["--cap", "mon", "allow profile osd", "--cap", "osd", "allow *"],
+                vec![
+                    "--cap",
+                    "mon",
+                    "allow profile osd",
+                    "--cap",
+                    "osd",
+                    "allow *",
+                ],
             ),
         ] {
             let mut command = Command::new("ceph-authtool");
@@ -149,6 +194,7 @@ impl Cluster {
             "ceph-mon --mkfs",
         )?;
         let mut cluster = Cluster {
+            _slot: slot,
             mon: None,
             osd: None,
             conf,
@@ -160,8 +206,7 @@ impl Cluster {
         let osd_uuid = uuid()?;
         cluster.ceph(&["osd", "new", &osd_uuid, "0"])?;
         run(
-            Command::new("ceph-osd")
-                .args(["-c", &c, "-i", "0", "--mkfs", "--osd-uuid", &osd_uuid]),
+            Command::new("ceph-osd").args(["-c", &c, "-i", "0", "--mkfs", "--osd-uuid", &osd_uuid]),
             "ceph-osd --mkfs",
         )?;
         cluster.start_osd()?;
@@ -233,7 +278,10 @@ impl Cluster {
 
     /// The image's bytes, by `rbd export`.
     pub fn export(&self, spec: &str) -> Result<Vec<u8>> {
-        let out = self.dir.path().join(format!("export-{}", spec.replace(['/', '@'], "_")));
+        let out = self
+            .dir
+            .path()
+            .join(format!("export-{}", spec.replace(['/', '@'], "_")));
         let _ = std::fs::remove_file(&out);
         self.rbd(&["export", "--no-progress", spec, &out.to_string_lossy()])?;
         let data = std::fs::read(&out)?;

@@ -38,7 +38,17 @@ fn start(cluster: &Cluster, spec: &str, extra: &[&str]) -> Result<Daemon> {
     let mut args = rbd_args(cluster, spec);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start("vhost-user-blk", &args)
+    let mut daemon = Daemon::start("vhost-user-blk", &args)?;
+    // The socket exists before the cluster is reached: wait for the image to be open (the
+    // line that says what is served), so that a driver's own timeouts do not count it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !daemon.log_text().contains("librbd engine") {
+        if !daemon.is_running() || Instant::now() > deadline {
+            return Err(format!("the daemon did not open {spec}: {}", daemon.log_tail(10)).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(daemon)
 }
 
 /// Writes of random sizes at random offsets, each read back; flush; discard and write-zeroes
@@ -135,11 +145,21 @@ fn snapshots_are_read_only() -> Result<()> {
     data[..512].fill(0x11);
     let spec = cluster.import("snapped", &data)?;
     cluster.rbd(&["snap", "create", &format!("{spec}@s1")])?;
-    for (target, extra) in [(format!("{spec}@s1"), &[][..]), (spec.clone(), &["--readonly"][..])] {
+    for (target, extra) in [
+        (format!("{spec}@s1"), &[][..]),
+        (spec.clone(), &["--readonly"][..]),
+    ] {
         let daemon = start(&cluster, &target, extra)?;
-        let mut vmm = TestVmm::connect(&daemon.socket, 16 << 20, 1, 64, Negotiate::default())?;
-        assert!(vmm.offered_features & (1 << 5) != 0, "{target}: RO not offered");
-        let (header, payload, status) = (vmm.ram.alloc(16, 16), vmm.ram.alloc(512, 512), vmm.ram.alloc(1, 1));
+        let mut vmm = TestVmm::connect(&daemon.socket, 64 << 20, 1, 64, Negotiate::default())?;
+        assert!(
+            vmm.offered_features & (1 << 5) != 0,
+            "{target}: RO not offered"
+        );
+        let (header, payload, status) = (
+            vmm.ram.alloc(16, 16),
+            vmm.ram.alloc(512, 512),
+            vmm.ram.alloc(1, 1),
+        );
         for (kind, writable) in [(1u32, false), (0, true)] {
             let mut h = [0u8; 16];
             h[..4].copy_from_slice(&kind.to_le_bytes());
@@ -152,7 +172,14 @@ fn snapshots_are_read_only() -> Result<()> {
             } else {
                 Buf::readable(payload, 512)
             };
-            q.submit(ram, &[Buf::readable(header, 16), data_buf, Buf::writable(status, 1)])?;
+            q.submit(
+                ram,
+                &[
+                    Buf::readable(header, 16),
+                    data_buf,
+                    Buf::writable(status, 1),
+                ],
+            )?;
             q.wait_used(ram, 1, Duration::from_secs(10))?;
             let got = vmm.ram.read(status, 1)?[0];
             if kind == 1 {
@@ -163,7 +190,10 @@ fn snapshots_are_read_only() -> Result<()> {
             }
         }
     }
-    assert!(cluster.export(&spec)? == data, "a read-only image was modified");
+    assert!(
+        cluster.export(&spec)? == data,
+        "a read-only image was modified"
+    );
     Ok(())
 }
 
@@ -176,7 +206,11 @@ fn fails_with(args: &[String], expect: &str) -> Result<()> {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let started = Instant::now();
     let (code, _, stderr) = run_to_exit("vhost-user-blk", &argv)?;
-    assert!(started.elapsed() < Duration::from_secs(15), "{expect}: took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{expect}: took {:?}",
+        started.elapsed()
+    );
     assert_eq!(code, 1, "{expect}: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(errors.len(), 1, "{expect}: not one error line: {stderr}");
@@ -198,7 +232,10 @@ fn start_up_errors_are_one_line() -> Result<()> {
     };
     fails_with(&with("nopool/img", &[]), "pool \"nopool\" does not exist")?;
     fails_with(&with("rbd/noimage", &[]), "rbd/noimage: no such image")?;
-    fails_with(&with(&format!("{spec}@nosnap"), &[]), "no such image or snapshot")?;
+    fails_with(
+        &with(&format!("{spec}@nosnap"), &[]),
+        "no such image or snapshot",
+    )?;
     let mut args = with(&spec, &[]);
     args[5] = "/nonexistent/keyring".into();
     fails_with(&args, "--rbd-keyring /nonexistent/keyring")?;
@@ -206,9 +243,14 @@ fn start_up_errors_are_one_line() -> Result<()> {
     args[3] = "/nonexistent/ceph.conf".into();
     fails_with(&args, "--rbd-conf /nonexistent/ceph.conf")?;
     // A monitor that is not there: nothing listens on the port any more.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let conf = cluster.dir().join("unreachable.conf");
-    std::fs::write(&conf, format!("[global]\nmon host = v2:127.0.0.1:{closed}\n"))?;
+    std::fs::write(
+        &conf,
+        format!("[global]\nmon host = v2:127.0.0.1:{closed}\n"),
+    )?;
     let mut args = with(&spec, &["--rbd-connect-timeout", "3"]);
     args[3] = conf.display().to_string();
     fails_with(&args, "cannot reach the Ceph cluster")?;
@@ -232,8 +274,21 @@ fn requests_wait_for_a_restarted_osd() -> Result<()> {
     let buf = client.buf(65536, 65536);
     client.queues[0].write(1 << 20, buf, 65536, 0, ReqFlags::empty());
     std::thread::sleep(Duration::from_secs(2));
+    let mut early = [std::mem::MaybeUninit::<blkio::Completion>::uninit(); 1];
+    let done = client.queues[0].do_io(&mut early, 0, Some(&mut Duration::from_millis(0)), None)?;
+    assert_eq!(done, 0, "a write completed while the OSD was down");
     cluster.start_osd()?;
-    assert_eq!(wait_one(&mut client.queues[0])?, 0, "{}", daemon.log_tail(10));
+    let back_at = Instant::now();
+    let mut done = [std::mem::MaybeUninit::<blkio::Completion>::uninit(); 1];
+    let n = client.queues[0].do_io(&mut done, 1, Some(&mut Duration::from_secs(90)), None)?;
+    assert_eq!(n, 1, "the write did not complete after the OSD came back");
+    // SAFETY: do_io initialised the first `n` entries.
+    let ret = unsafe { done[0].assume_init_read() }.ret;
+    eprintln!(
+        "the write completed {:?} after the OSD was back",
+        back_at.elapsed()
+    );
+    assert_eq!(ret, 0, "{}", daemon.log_tail(10));
     let back = client.buf(1 << 20, 65536);
     client.queues[0].read(1 << 20, back, 65536, 0, ReqFlags::empty());
     assert_eq!(wait_one(&mut client.queues[0])?, 0);

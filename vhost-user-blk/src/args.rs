@@ -135,7 +135,11 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Config, ConfigError> {
-        let rbd = args.rbd.as_deref().map(|spec| rbd_options(spec, &args)).transpose()?;
+        let rbd = args
+            .rbd
+            .as_deref()
+            .map(|spec| rbd_options(spec, &args))
+            .transpose()?;
         let path = match (args.file, &rbd) {
             (Some(path), _) => path,
             (None, Some(_)) => PathBuf::new(),

@@ -27,11 +27,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::disk::Disk;
-use crate::store::Store;
 use crate::executor::{EngineKind, ExecContext, Executor};
 use crate::pool::CopyPool;
 use crate::queue::QueueWorker;
 use crate::request::{Limits, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::store::Store;
 
 /// Largest single discard / write-zeroes range we accept (1 GiB): bounds the time one request
 /// can hold a worker.

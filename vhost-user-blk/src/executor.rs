@@ -21,11 +21,11 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::{AlignedBuf, Disk};
-use crate::store::Store;
 use crate::pool::{CopyPool, Offload, SPLIT_MIN_BYTES};
 use crate::request::{
     Completion, Operation, Request, ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
+use crate::store::Store;
 
 /// Which engine runs reads, writes and flushes (`--io-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

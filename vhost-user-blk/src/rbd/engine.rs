@@ -125,8 +125,7 @@ impl RbdEngine {
         let mut c: ffi::RbdCompletionT = std::ptr::null_mut();
         // SAFETY: `tag` stays alive until the completion is reaped (or freed below when
         // submission fails); `on_complete` has the signature librbd expects.
-        let ret =
-            unsafe { ffi::rbd_aio_create_completion(tag.cast(), Some(on_complete), &mut c) };
+        let ret = unsafe { ffi::rbd_aio_create_completion(tag.cast(), Some(on_complete), &mut c) };
         let ret = if ret < 0 { ret } else { op(c) };
         if ret < 0 {
             log::warn!(
@@ -275,7 +274,9 @@ impl RbdEngine {
         {
             let mut done = vhost_user_common::lock(&self.mailbox.done);
             std::mem::swap(&mut *done, &mut self.scratch);
-            self.mailbox.waiting.fetch_sub(self.scratch.len(), Ordering::AcqRel);
+            self.mailbox
+                .waiting
+                .fetch_sub(self.scratch.len(), Ordering::AcqRel);
         }
         let mut batch = std::mem::take(&mut self.scratch);
         for (tag, c) in batch.drain(..) {

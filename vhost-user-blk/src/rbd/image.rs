@@ -38,7 +38,9 @@ pub enum RbdError {
     NoImage { name: String },
     #[error("RBD image {name}: cannot open: {source}")]
     Open { name: String, source: io::Error },
-    #[error("RBD image {name}: is {size} bytes; a disk needs at least one 512-byte sector (rbd resize)")]
+    #[error(
+        "RBD image {name}: is {size} bytes; a disk needs at least one 512-byte sector (rbd resize)"
+    )]
     Empty { name: String, size: u64 },
 }
 
@@ -80,9 +82,8 @@ impl Cluster {
         let o = cstring(option);
         let mut buf = vec![0u8; 4096];
         // SAFETY: `buf` is writable for its length; librados NUL-terminates within it.
-        let ret = unsafe {
-            ffi::rados_conf_get(self.0, o.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let ret =
+            unsafe { ffi::rados_conf_get(self.0, o.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if ret < 0 {
             return String::new();
         }
@@ -411,8 +412,12 @@ mod tests {
 
     #[test]
     fn keys_are_found_in_their_section() {
-        let text = "[client.a]\n\tkey = AAA==\n[client.admin]\n key=BQB+x/y==\n caps mon = \"allow *\"\n";
-        assert_eq!(key_in_keyring(text, "client.admin").as_deref(), Some("BQB+x/y=="));
+        let text =
+            "[client.a]\n\tkey = AAA==\n[client.admin]\n key=BQB+x/y==\n caps mon = \"allow *\"\n";
+        assert_eq!(
+            key_in_keyring(text, "client.admin").as_deref(),
+            Some("BQB+x/y==")
+        );
         assert_eq!(key_in_keyring(text, "client.a").as_deref(), Some("AAA=="));
         assert_eq!(key_in_keyring(text, "client.b"), None);
     }
