@@ -37,15 +37,15 @@ pub struct Args {
 
     /// The RBD cluster's ceph.conf [default: librados's search: $CEPH_CONF,
     /// /etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf].
-    #[arg(long, value_name = "PATH", requires = "rbd")]
+    #[arg(long, value_name = "PATH")]
     pub rbd_conf: Option<PathBuf>,
 
     /// The Ceph client id to connect as (`admin` is client.admin) [default: admin].
-    #[arg(long, value_name = "ID", requires = "rbd")]
+    #[arg(long, value_name = "ID")]
     pub rbd_id: Option<String>,
 
     /// Keyring holding the client's key [default: the configuration's `keyring`].
-    #[arg(long, value_name = "PATH", requires = "rbd")]
+    #[arg(long, value_name = "PATH")]
     pub rbd_keyring: Option<PathBuf>,
 
     /// Give up starting when the cluster's monitors do not answer within this time.
@@ -117,6 +117,10 @@ pub enum ConfigError {
     NoFile,
     #[error("--rbd {0:?}: {1}")]
     RbdSpec(String, String),
+    #[error(
+        "--rbd-conf, --rbd-id and --rbd-keyring describe the image of --rbd, which is missing"
+    )]
+    RbdOnly,
     #[error("--rbd-connect-timeout {0}: must be between 1 and 3600 seconds")]
     RbdConnectTimeout(u32),
     #[error("--num-queues {0}: must be between 1 and 64")]
