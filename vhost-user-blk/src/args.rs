@@ -144,6 +144,11 @@ impl TryFrom<Args> for Config {
             .as_deref()
             .map(|spec| rbd_options(spec, &args))
             .transpose()?;
+        let rbd_flags =
+            args.rbd_conf.is_some() || args.rbd_id.is_some() || args.rbd_keyring.is_some();
+        if rbd.is_none() && rbd_flags {
+            return Err(ConfigError::RbdOnly);
+        }
         let path = match (args.file, &rbd) {
             (Some(path), _) => path,
             (None, Some(_)) => PathBuf::new(),
