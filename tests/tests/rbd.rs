@@ -13,6 +13,8 @@ use vhost_user_tests::ceph::Cluster;
 use vhost_user_tests::*;
 
 const SIZE: u64 = 32 << 20;
+/// What the daemon logs once its image is open.
+const RBD_READY: &str = "librbd engine";
 
 fn cluster() -> Result<Cluster> {
     assert!(
@@ -41,13 +43,7 @@ fn start(cluster: &Cluster, spec: &str, extra: &[&str]) -> Result<Daemon> {
     let mut daemon = Daemon::start("vhost-user-blk", &args)?;
     // The socket exists before the cluster is reached: wait for the image to be open (the
     // line that says what is served), so that a driver's own timeouts do not count it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !daemon.log_text().contains("librbd engine") {
-        if !daemon.is_running() || Instant::now() > deadline {
-            return Err(format!("the daemon did not open {spec}: {}", daemon.log_tail(10)).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    daemon.wait_for_log(RBD_READY, Duration::from_secs(60))?;
     Ok(daemon)
 }
 

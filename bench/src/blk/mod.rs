@@ -45,6 +45,7 @@
 mod client;
 mod measure;
 mod peer;
+mod rbd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,6 +71,8 @@ pub enum Backing {
     Shm,
     /// A file in --disk-dir, O_DIRECT for every subject.
     Disk,
+    /// An RBD image on a throwaway Ceph cluster (ours and qemu-storage-daemon only).
+    Rbd,
 }
 
 impl Backing {
@@ -77,6 +80,7 @@ impl Backing {
         match self {
             Backing::Shm => "shm",
             Backing::Disk => "disk",
+            Backing::Rbd => "rbd",
         }
     }
 
@@ -105,7 +109,7 @@ pub struct BlkArgs {
 
     /// Backing files to measure, comma separated.
     #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_enum,
-          default_values_t = [Backing::Shm, Backing::Disk])]
+          default_values_t = [Backing::Shm, Backing::Disk, Backing::Rbd])]
     pub backing: Vec<Backing>,
 
     /// Directory of the disk backing file.
@@ -141,7 +145,7 @@ impl Default for BlkArgs {
     fn default() -> Self {
         BlkArgs {
             queues: vec![1, 2],
-            backing: vec![Backing::Shm, Backing::Disk],
+            backing: vec![Backing::Shm, Backing::Disk, Backing::Rbd],
             disk_dir: PathBuf::from("/var/tmp"),
             subjects: vec![Subject::Ours, Subject::Qsd, Subject::Fio],
             qsd_aio: Vec::new(),
@@ -178,6 +182,13 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
         String::new()
     };
     for &backing in &args.backing {
+        if backing == Backing::Rbd {
+            let with_qsd = subjects.contains(&Subject::Qsd);
+            if subjects.contains(&Subject::Ours) {
+                rbd::run(opts, &ours_bin, with_qsd)?;
+            }
+            continue;
+        }
         let mut queue_counts: Vec<u16> = args.queues.iter().copied().filter(|&q| q > 0).collect();
         queue_counts.dedup();
         if opts.quick && backing == Backing::Disk {
@@ -198,7 +209,9 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
              blkio virtio-blk-vhost-user driver, one thread per queue, QD per queue, {} s per case",
             match backing {
                 Backing::Shm => "/dev/shm (tmpfs, buffered)".to_string(),
-                Backing::Disk => format!("{} (O_DIRECT)", args.disk_dir.display()),
+                Backing::Disk | Backing::Rbd => {
+                    format!("{} (O_DIRECT)", args.disk_dir.display())
+                }
             },
             if backing.direct() { " --direct" } else { "" },
             qsd.iter()
@@ -211,7 +224,7 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
         eprintln!("{title}");
         let dir = match backing {
             Backing::Shm => PathBuf::from("/dev/shm"),
-            Backing::Disk => args.disk_dir.clone(),
+            Backing::Disk | Backing::Rbd => args.disk_dir.clone(),
         };
         let t = Instant::now();
         let image = BackingFile::create(&dir, size)?;

@@ -36,7 +36,8 @@ impl QsdAio {
     pub(super) fn best_for(backing: Backing) -> QsdAio {
         match backing {
             Backing::Shm => QsdAio::IoUring,
-            Backing::Disk => QsdAio::Native,
+            // (RBD has no aio: qsd's rbd driver is librbd's own asynchronous API.)
+            Backing::Disk | Backing::Rbd => QsdAio::Native,
         }
     }
 }

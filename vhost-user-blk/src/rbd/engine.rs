@@ -48,12 +48,21 @@ struct Tag {
 /// stay alive until the worker takes them from the mailbox.
 unsafe extern "C" fn on_complete(c: ffi::RbdCompletionT, arg: *mut c_void) {
     // SAFETY: per the contract above, `arg` points to a live Tag that nobody frees before the
-    // worker has taken this entry out of the mailbox, which happens after the push below.
+    // worker has taken this entry out of the mailbox. The Tag's Arc keeps the mailbox alive
+    // only until then, so what is touched after the push is the mailbox through a clone.
     let tag = unsafe { &*(arg as *const Tag) };
     let mailbox = tag.mailbox.clone();
-    vhost_user_common::lock(&mailbox.done).push((arg as usize, c as usize));
-    mailbox.waiting.fetch_add(1, Ordering::Release);
-    let _ = mailbox.eventfd.write(1);
+    let first = {
+        let mut done = vhost_user_common::lock(&mailbox.done);
+        done.push((arg as usize, c as usize));
+        mailbox.waiting.fetch_add(1, Ordering::Release);
+        done.len() == 1
+    };
+    // One wake-up per batch: the worker takes the whole list when it wakes, and a completion
+    // that finds the list non-empty will be taken with it.
+    if first {
+        let _ = mailbox.eventfd.write(1);
+    }
 }
 
 /// A request librbd is working on.
