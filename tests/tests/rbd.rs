@@ -127,7 +127,7 @@ fn conformance_one_queue() -> Result<()> {
 }
 
 #[test]
-fn conformance_two_queues_write_through() -> Result<()> {
+fn conformance_two_queues_polling() -> Result<()> {
     // Two queues share the image; --poll-us makes the worker look for completions itself.
     conformance(&["--num-queues", "2", "--poll-us", "50"], 2)
 }
