@@ -190,6 +190,10 @@ fn rbd() -> Vec<Allow> {
         Any(libc::SYS_setsockopt),
         // The messenger names its host in each new session.
         Any(libc::SYS_uname),
+        // librbd's timers (asio): retrying the exclusive lock held by a daemon that died.
+        Any(libc::SYS_timerfd_create),
+        Any(libc::SYS_timerfd_settime),
+        Any(libc::SYS_timerfd_gettime),
     ]
 }
 

@@ -5,6 +5,7 @@
 //! foreground as our children and are killed when the [`Cluster`] is dropped.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Condvar, Mutex};
@@ -218,7 +219,19 @@ impl Cluster {
     /// A daemon in the foreground (ours to kill), its output in its own log.
     fn spawn(&self, program: &str, args: &[&str]) -> Result<Child> {
         let log = File::create(self.dir.path().join(format!("{program}.out")))?;
-        Ok(Command::new(program)
+        let mut command = Command::new(program);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                // Killed with the thread that started it, should the test process die before
+                // it drops the cluster (Drop kills it otherwise).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        Ok(command
             .arg("-f")
             .arg("-c")
             .arg(&self.conf)

@@ -295,3 +295,65 @@ fn requests_wait_for_a_restarted_osd() -> Result<()> {
     assert!(client.copy_out(2 << 20, 65536).iter().all(|&b| b == 0x5a));
     Ok(())
 }
+
+/// Without FLUSH negotiated the device must write through: with librbd's cache in write-back
+/// mode, every write the guest saw complete is on the cluster even if the daemon is SIGKILLed
+/// right after (no exit flush).
+#[test]
+fn write_through_without_flush_survives_sigkill() -> Result<()> {
+    let cluster = cluster()?;
+    let spec = cluster.create_image("write-through", SIZE)?;
+    let conf = std::fs::read_to_string(cluster.conf())?.replace(
+        "[client]\n",
+        "[client]\nrbd cache = true\nrbd cache policy = writeback\n\
+         rbd cache writethrough until flush = false\nrbd cache max dirty age = 30\n",
+    );
+    let writeback_conf = cluster.dir().join("writeback.conf");
+    std::fs::write(&writeback_conf, conf)?;
+    let mut args = rbd_args(&cluster, &spec);
+    args[3] = writeback_conf.display().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start("vhost-user-blk", &args)?;
+    daemon.wait_for_log(RBD_READY, Duration::from_secs(60))?;
+    let no_flush = Negotiate {
+        features: !(1u64 << 9),
+        ..Negotiate::default()
+    };
+    let mut vmm = TestVmm::connect(&daemon.socket, 64 << 20, 1, 64, no_flush)?;
+    assert_eq!(vmm.acked_features & (1 << 9), 0, "FLUSH was negotiated");
+    let (header, payload, status) = (
+        vmm.ram.alloc(16, 16),
+        vmm.ram.alloc(65536, 4096),
+        vmm.ram.alloc(1, 1),
+    );
+    let mut model = vec![0u8; SIZE as usize];
+    for (i, sector) in [0u64, 2048, 40000].into_iter().enumerate() {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&1u32.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        vmm.ram.write(header, &h)?;
+        let fill = 0x30 + i as u8;
+        vmm.ram.write(payload, &[fill; 65536])?;
+        vmm.ram.write(status, &[0xee])?;
+        let (ram, q) = vmm.queue(0);
+        q.submit(
+            ram,
+            &[
+                Buf::readable(header, 16),
+                Buf::readable(payload, 65536),
+                Buf::writable(status, 1),
+            ],
+        )?;
+        q.wait_used(ram, 1, Duration::from_secs(10))?;
+        assert_eq!(vmm.ram.read(status, 1)?[0], 0, "write {i} failed");
+        let at = (sector * 512) as usize;
+        model[at..at + 65536].fill(fill);
+    }
+    daemon.child.kill()?;
+    daemon.child.wait()?;
+    assert!(
+        cluster.export(&spec)? == model,
+        "writes the guest saw complete were lost with the daemon"
+    );
+    Ok(())
+}
