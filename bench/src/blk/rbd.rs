@@ -5,8 +5,8 @@
 //!
 //! Both go through librbd with its cache as configured by default (qsd's `cache.direct=off`
 //! turns `rbd_cache` on; ours leaves librbd's settings alone, which is the same); they take
-//! the image's exclusive lock from each other once per case, before it is measured (the
-//! warm-up writes).
+//! the image's exclusive lock from each other once per case, with a write before the case is
+//! measured.
 
 use std::io::Write;
 use std::path::Path;
@@ -145,6 +145,11 @@ pub(super) fn run(opts: &Options, ours_bin: &Path, with_qsd: bool) -> Result<()>
         let mut results = Vec::new();
         for i in order {
             let (backend, client) = &mut served[i];
+            // One write first: the image's exclusive lock comes over from the other daemon
+            // before the measured interval, not in it.
+            client
+                .round_trip(size, &mut rng)
+                .map_err(|e| format!("{case}: {}: {e}", backend.name))?;
             let m = client
                 .measure(w, size, backend.pid(), opts.case_duration())
                 .map_err(|e| format!("{case}: {}: {e}{}", backend.name, backend.log_tail()))?;
