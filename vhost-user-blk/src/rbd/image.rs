@@ -167,6 +167,9 @@ impl Prepared {
             "rados_osd_op_timeout",
             &options.io_timeout.as_secs().to_string(),
         )?;
+        // librbd's cache settings stay the cluster's (`rbd cache`, on by default, write-through
+        // until the guest's first flush, as under QEMU): the engine flushes every write itself
+        // when the guest turned its write cache off.
         // The daemon reports errors in one line of its own; librados's own stderr chatter
         // (also from its threads, later) would interleave with it.
         cluster.set("log_to_stderr", "false")?;
