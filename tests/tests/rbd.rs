@@ -357,3 +357,21 @@ fn write_through_without_flush_survives_sigkill() -> Result<()> {
     );
     Ok(())
 }
+
+/// A monitor named by host name: resolved before the sandbox hides /etc/hosts.
+#[test]
+fn mon_host_by_name_under_the_sandbox() -> Result<()> {
+    let cluster = cluster()?;
+    let spec = cluster.create_image("by-name", 1 << 20)?;
+    let conf = std::fs::read_to_string(cluster.conf())?
+        .replace("mon host = v2:127.0.0.1:", "mon host = v2:localhost:");
+    let named = cluster.dir().join("named.conf");
+    std::fs::write(&named, conf)?;
+    let mut args = rbd_args(&cluster, &spec);
+    args[3] = named.display().to_string();
+    args.extend(["--sandbox".into(), "namespace".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start("vhost-user-blk", &args)?;
+    daemon.wait_for_log(RBD_READY, Duration::from_secs(60))?;
+    Ok(())
+}

@@ -24,6 +24,8 @@ pub enum RbdError {
     NoKey { path: String, id: String },
     #[error("no keyring with a key for client.{id} (looked in {searched}); pass --rbd-keyring")]
     NoKeyring { id: String, searched: String },
+    #[error("mon host {name:?}: cannot resolve it: {source}")]
+    Resolve { name: String, source: io::Error },
     #[error("librados: cannot set {option}: {source}")]
     Setting { option: String, source: io::Error },
     #[error("cannot reach the Ceph cluster (mon host {mon_host}) within {seconds} s; is it up? (--rbd-connect-timeout)")]
@@ -125,6 +127,71 @@ fn key_in_keyring(text: &str, entity: &str) -> Option<String> {
     None
 }
 
+/// `mon host` with every host name replaced by its addresses (`None`: only addresses in it).
+/// Entries are `[v2:]HOST[:PORT]` separated by commas, semicolons or spaces, or bracketed
+/// address vectors `[v2:IP:PORT,v1:IP:PORT]`, which hold addresses only.
+fn resolve_mon_host(value: &str) -> Result<Option<String>, RbdError> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let mut entries = Vec::new();
+    let mut changed = false;
+    let (mut depth, mut start) = (0usize, 0usize);
+    let mut tokens = Vec::new();
+    for (i, c) in value.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' | ';' | ' ' | '\t' if depth == 0 => {
+                tokens.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    tokens.push(&value[start..]);
+    for token in tokens.into_iter().filter(|t| !t.is_empty()) {
+        let (prefix, addr) = match token.get(..3) {
+            Some("v1:" | "v2:") => token.split_at(3),
+            _ => ("", token),
+        };
+        // An address vector, an IPv6 address, or an IPv4 address with or without a port.
+        let is_address = addr.starts_with('[')
+            || addr.matches(':').count() > 1
+            || addr
+                .rsplit_once(':')
+                .map_or(addr, |(host, _)| host)
+                .parse::<IpAddr>()
+                .is_ok();
+        if is_address {
+            entries.push(token.to_string());
+            continue;
+        }
+        let (name, port) = match addr.rsplit_once(':') {
+            Some((name, port)) => (name, port.parse::<u16>().ok()),
+            None => (addr, None),
+        };
+        let resolved: Vec<IpAddr> = (name, 0)
+            .to_socket_addrs()
+            .map_err(|source| RbdError::Resolve {
+                name: name.to_string(),
+                source,
+            })?
+            .map(|a| a.ip())
+            .collect();
+        for ip in resolved {
+            let ip = match ip {
+                IpAddr::V6(v6) => format!("[{v6}]"),
+                IpAddr::V4(v4) => v4.to_string(),
+            };
+            entries.push(match port {
+                Some(port) => format!("{prefix}{ip}:{port}"),
+                None => format!("{prefix}{ip}"),
+            });
+        }
+        changed = true;
+    }
+    Ok(changed.then(|| entries.join(",")))
+}
+
 impl Prepared {
     /// Reads the configuration and the key. Starts no thread.
     pub fn new(options: &RbdOptions) -> Result<Prepared, RbdError> {
@@ -174,6 +241,11 @@ impl Prepared {
         // (also from its threads, later) would interleave with it.
         cluster.set("log_to_stderr", "false")?;
         cluster.set("err_to_stderr", "false")?;
+        // Names in `mon host` are resolved when connecting, inside the sandbox, which hides
+        // /etc/resolv.conf and /etc/hosts: resolve them now.
+        if let Some(resolved) = resolve_mon_host(&cluster.get("mon_host"))? {
+            cluster.set("mon_host", &resolved)?;
+        }
         // The sandbox has no files: the key is read now and handed over as a value.
         if let Some(key) = Self::find_key(&cluster, options)? {
             cluster.set("key", &key)?;
@@ -412,6 +484,21 @@ impl RbdImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mon_host_names_are_resolved_and_addresses_kept() {
+        let unchanged = "v2:10.0.0.1:3300,[v2:10.0.0.2:3300,v1:10.0.0.2:6789] 10.0.0.3 [::1]:3300";
+        assert!(matches!(resolve_mon_host(unchanged), Ok(None)));
+        let resolved = resolve_mon_host("v2:localhost:3300 10.0.0.3")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("localhost was not resolved"));
+        assert!(
+            resolved.contains("v2:127.0.0.1:3300") || resolved.contains("v2:[::1]:3300"),
+            "{resolved}"
+        );
+        assert!(resolved.ends_with(",10.0.0.3"), "{resolved}");
+        assert!(resolve_mon_host("no-such-host.invalid").is_err());
+    }
 
     #[test]
     fn keys_are_found_in_their_section() {
