@@ -3,9 +3,22 @@
 
 use std::time::Duration;
 
-use vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE;
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_SIZE,
+};
 
 use crate::ratelimit::RateLimit;
+
+/// The virtio feature a device offers to be live-migratable: `VHOST_F_LOG_ALL` (bit 26). QEMU
+/// refuses to migrate a VM whose backend lacks it; it acks the bit while a migration runs and
+/// clears it when the migration ends or fails, and the device logs its writes to guest memory
+/// only in between (see [`crate::ring::Ring::wrote`]).
+pub const MIGRATION_FEATURES: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+
+/// The protocol feature that goes with [`MIGRATION_FEATURES`]: SET_LOG_BASE hands the device the
+/// dirty-page log as a shared memory file descriptor.
+pub const MIGRATION_PROTOCOL_FEATURES: VhostUserProtocolFeatures =
+    VhostUserProtocolFeatures::LOG_SHMFD;
 
 /// Reads past a device's config space are answered, and said (a frontend asks for its own
 /// idea of the layout), at a bounded rate.

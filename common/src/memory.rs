@@ -66,6 +66,20 @@ pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
     }
 }
 
+/// The page numbers whose bits are set in a dirty-page log (bit `n % 8` of byte `n / 8` is
+/// page `n`, as vhost-user's SET_LOG_BASE defines it), in order.
+pub fn dirty_pages_in_log(log: &[u8]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (i, &byte) in log.iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                pages.push(i as u64 * 8 + bit);
+            }
+        }
+    }
+    pages
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +101,33 @@ mod tests {
             Some(FileOffset::new(file, 0x1000)),
         )])?;
         assert!(check_backing(&past).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn mark_dirty_marks_every_page_of_a_range_across_regions_and_nothing_outside_memory(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        // Two adjacent regions, a hole, a third region.
+        let mem = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 0x8000),
+            (GuestAddress(0x8000), 0x8000),
+            (GuestAddress(0x2_0000), 0x8000),
+        ])?;
+        let log = crate::testing::TestLog::attach(&mem);
+        assert!(log.dirty_pages().is_empty());
+        // Across the boundary of the first two regions: pages 7 and 8.
+        mark_dirty(&mem, GuestAddress(0x7fff), 2);
+        // Into the hole: page 0xf is marked, the rest is not memory.
+        mark_dirty(&mem, GuestAddress(0xfff0), 0x100);
+        // Outside guest memory altogether, and nothing at all.
+        mark_dirty(&mem, GuestAddress(0x1_0000), 0x1000);
+        mark_dirty(&mem, GuestAddress(0x2_1000), 0);
+        // One byte per page, then a whole page.
+        mark_dirty(&mem, GuestAddress(0x2_3fff), 1);
+        mark_dirty(&mem, GuestAddress(0x2_5000), 0x1000);
+        // Past the end of the last region: only its last page.
+        mark_dirty(&mem, GuestAddress(0x2_7fff), usize::MAX);
+        assert_eq!(log.dirty_pages(), vec![7, 8, 0xf, 0x23, 0x25, 0x27]);
         Ok(())
     }
 }

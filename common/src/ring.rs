@@ -12,8 +12,11 @@
 //!   used-index update (a merged frame or a batch becomes visible at once);
 //!   [`Ring::notify`] interrupts the driver at most once for everything published since the
 //!   last call, as EVENT_IDX's `used_event` or VRING_AVAIL_F_NO_INTERRUPT ask.
+//! - [`Ring::wrote`] / [`Ring::wrote_writable`] mark what the device wrote into a chain's
+//!   buffers by other means than vm-memory's accessors (io_uring, `readv` from a tap, raw
+//!   copies) in the live-migration log, before the chain is published.
 //! - [`RingHooks`] are called at those moments: inflight tracking records taken heads and
-//!   clears returned ones, dirty-page logging marks what the device wrote.
+//!   clears returned ones.
 
 use crate::Vring;
 use std::fmt;
@@ -25,6 +28,7 @@ use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::chain::ChainBuffers;
 use crate::ratelimit::RateLimit;
 use crate::GuestMemory;
 
@@ -45,8 +49,8 @@ pub trait RingHooks {
     /// The used index `used_idx` is published: the entries passed to `returning` are the
     /// driver's.
     fn returned(&mut self, _used_idx: u16) {}
-    /// The device wrote `len` bytes of guest memory at `addr` by other means than vm-memory's
-    /// accessors (the kernel through an iovec, a raw copy).
+    /// The device wrote `len` bytes of guest memory at `addr` (reported through
+    /// [`Ring::wrote`], which has already marked them in the migration log).
     fn wrote(&mut self, _addr: GuestAddress, _len: u64) {}
 }
 
@@ -410,9 +414,34 @@ impl<H: RingHooks> Ring<H> {
         self.used.len()
     }
 
-    /// Reports memory the device wrote behind vm-memory's back to the hooks.
-    pub fn wrote(&mut self, addr: GuestAddress, len: u64) {
+    /// The device wrote `len` bytes of guest memory at `addr`: marks their pages dirty in the
+    /// live-migration log and tells the hooks.
+    ///
+    /// Call it once the bytes are in guest memory and before the chain they belong to is
+    /// published ([`Ring::push_used`] then [`Ring::publish`]): the frontend may read the log
+    /// any time after the driver sees the used entry, and a page marked late could be missed
+    /// by the last pass of the migration. `mem` is the memory the ring is published with (the
+    /// latest table the frontend sent): the log is attached to its regions.
+    ///
+    /// Writes through vm-memory (`write_obj`, `write_slice`, `VolatileSlice` copies) and the
+    /// used-ring entries mark themselves; this is for writes vm-memory does not see. Marking
+    /// twice is harmless. Does nothing while the frontend does not log (no SET_LOG_BASE, or
+    /// `VHOST_F_LOG_ALL` not acked), and ignores bytes outside guest memory.
+    pub fn wrote(&mut self, mem: &GuestMemory, addr: GuestAddress, len: u64) {
+        crate::memory::mark_dirty(mem, addr, usize::try_from(len).unwrap_or(usize::MAX));
         self.hooks.wrote(addr, len);
+    }
+
+    /// [`Ring::wrote`] for the first `len` bytes of `chain`'s device-writable part: what a
+    /// device that fills a chain from the start (a received frame with its header, console
+    /// input) wrote into it. `len` past the end of the writable part is clamped.
+    pub fn wrote_writable(&mut self, mem: &GuestMemory, chain: &ChainBuffers, len: u64) {
+        let len = len.min(chain.writable_len());
+        if let Ok(segments) = chain.writable_range(0, len) {
+            for seg in segments {
+                self.wrote(mem, seg.addr, u64::from(seg.len));
+            }
+        }
     }
 
     /// Writes the queued used entries and makes them visible with one used-index update. Also
@@ -698,5 +727,40 @@ mod tests {
         ring.push_used(head.unwrap_or(0), 0);
         ring.complete(&mem);
         assert!(!queue.signalled());
+    }
+
+    #[test]
+    fn what_the_device_wrote_is_marked_in_the_log_before_publish() {
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        let mut ring = ring(&queue);
+        let head = queue.add_chain(&[
+            (0x3_0000, 0x100, false),
+            (0x4_0000, 0x800, true),
+            (0x5_0000, 0x2000, true),
+        ]);
+        let mem = queue.memory();
+        let chain = ring
+            .pop(&mem)
+            .map(|chain| ChainBuffers::parse(chain, &mem, 16));
+        let Some(Ok(buffers)) = chain else {
+            panic!("the chain was not taken");
+        };
+        let log = crate::testing::TestLog::attach(&mem);
+        // A write across a page boundary: both pages.
+        ring.wrote(&mem, GuestAddress(0x2_0ff0), 0x20);
+        // The first 0x900 writable bytes: all of the first buffer, the first page of the
+        // second; the readable buffer is not the device's to write.
+        ring.wrote_writable(&mem, &buffers, 0x900);
+        // More than the chain holds: clamped to its writable part.
+        ring.wrote_writable(&mem, &buffers, u64::MAX);
+        assert_eq!(log.dirty_pages(), vec![0x20, 0x21, 0x40, 0x50, 0x51]);
+        // Publishing marks the used ring's page (vm-memory's own marking).
+        ring.push_used(head, 0x900);
+        ring.publish(&mem);
+        assert_eq!(
+            log.dirty_pages(),
+            vec![0x8, 0x20, 0x21, 0x40, 0x50, 0x51],
+            "the used ring is at 0x8000"
+        );
     }
 }

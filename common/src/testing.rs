@@ -162,3 +162,51 @@ impl TestQueue {
         out
     }
 }
+
+/// A dirty-page log as SET_LOG_BASE attaches it (one bit per 4 KiB page of guest-physical
+/// address space), for tests of what a device marks without a frontend.
+pub struct TestLog {
+    file: File,
+}
+
+/// The log's page size (VHOST_LOG_PAGE).
+pub const LOG_PAGE: u64 = 0x1000;
+
+impl TestLog {
+    /// A log covering `mem`, attached to every region of it.
+    pub fn attach(mem: &GuestMemory) -> TestLog {
+        use std::sync::Arc;
+        use vhost_user_backend::bitmap::{BitmapReplace, MemRegionBitmap, MmapLogReg};
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let end = mem.last_addr().0 + 1;
+        let bytes = end.div_ceil(LOG_PAGE).div_ceil(8).max(1);
+        // SAFETY: the name is a valid C string; the result is checked before use.
+        let fd = unsafe { libc::memfd_create(c"test-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(bytes).unwrap_or_else(|e| panic!("{e}"));
+        let log = Arc::new(
+            MmapLogReg::from_file(std::os::fd::AsFd::as_fd(&file), 0, bytes)
+                .unwrap_or_else(|e| panic!("log mapping: {e}")),
+        );
+        for region in mem.iter() {
+            let bitmap =
+                <crate::DirtyBitmap as BitmapReplace>::InnerBitmap::new(region, log.clone())
+                    .unwrap_or_else(|e| panic!("region bitmap: {e}"));
+            region.bitmap().replace(bitmap);
+        }
+        TestLog { file }
+    }
+
+    /// The guest page numbers marked dirty, in order.
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata().map_or(0, |m| m.len()) as usize;
+        let mut bits = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut bits, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        crate::memory::dirty_pages_in_log(&bits)
+    }
+}

@@ -33,11 +33,7 @@ fn state() -> State {
         .or_else(|_| tempfile::NamedTempFile::new())
         .expect("temporary disk");
     file.as_file().set_len(DISK).expect("disk size");
-    let disk = Disk::open(&DiskOptions {
-        path: file.path().to_owned(),
-        readonly: false,
-        direct: false,
-    })
+    let disk = Disk::open(&DiskOptions::raw(file.path()))
     .expect("open disk");
     let ctx = Arc::new(ExecContext::new(Arc::new(disk), b"fuzz".to_vec()));
     let limits = Limits {

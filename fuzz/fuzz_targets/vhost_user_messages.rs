@@ -47,11 +47,7 @@ fn state() -> State {
         .expect("temporary disk");
     file.as_file().set_len(1 << 20).expect("disk size");
     let disk = Arc::new(
-        Disk::open(&DiskOptions {
-            path: file.path().to_owned(),
-            readonly: false,
-            direct: false,
-        })
+        Disk::open(&DiskOptions::raw(file.path()))
         .expect("open disk"),
     );
     State {

@@ -34,6 +34,8 @@ const CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Blk,
+    /// blk serving a qcow2 image (4 KiB clusters: many allocations).
+    BlkQcow2,
     Net,
     Console,
 }
@@ -117,6 +119,24 @@ impl Target {
                     tag: 0,
                 })
             }
+            Kind::BlkQcow2 => {
+                let dir = tempfile::tempdir()?;
+                let image = dir.path().join("disk.qcow2");
+                crate::qemu_img::create(&image, 16 << 20, "cluster_size=4096")?;
+                let path = image.to_string_lossy().into_owned();
+                let daemon =
+                    Daemon::start("vhost-user-blk", &["--file", &path, "--format", "qcow2"])?;
+                Ok(Target {
+                    kind,
+                    daemon,
+                    _disk: None,
+                    _endpoint_dir: Some(dir),
+                    packets: None,
+                    client: None,
+                    _ns: None,
+                    tag: 0,
+                })
+            }
             _ => {
                 let dir = tempfile::tempdir()?;
                 let endpoint = dir.path().join("console.sock");
@@ -150,7 +170,7 @@ impl Target {
 
     pub fn num_queues(&self) -> usize {
         match self.kind {
-            Kind::Blk => 1,
+            Kind::Blk | Kind::BlkQcow2 => 1,
             Kind::Net | Kind::Console => 2,
         }
     }
@@ -158,7 +178,7 @@ impl Target {
     /// The queue the guest sends on.
     pub fn tx_queue(&self) -> usize {
         match self.kind {
-            Kind::Blk => 0,
+            Kind::Blk | Kind::BlkQcow2 => 0,
             Kind::Net | Kind::Console => 1,
         }
     }
@@ -194,7 +214,7 @@ impl Target {
         data[..4].copy_from_slice(&self.tag.to_le_bytes());
         let q = self.tx_queue();
         match self.kind {
-            Kind::Blk => {
+            Kind::Blk | Kind::BlkQcow2 => {
                 let sector = u64::from(self.tag % 64) * 8;
                 let header = vmm.ram.alloc(16, 16);
                 let mut bytes = [0u8; 16];
@@ -279,7 +299,7 @@ impl Target {
             .into());
         }
         match self.kind {
-            Kind::Blk => {
+            Kind::Blk | Kind::BlkQcow2 => {
                 let status = vmm.ram.read(pending.status, 1)?[0];
                 if status != 0 {
                     return Err(format!("blk write: status {status}").into());

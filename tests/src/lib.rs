@@ -22,8 +22,11 @@ pub mod ceph;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
+pub mod inflight;
+pub mod migration;
 pub mod netns;
 pub mod qemu;
+pub mod qemu_img;
 pub mod systemd_guest;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

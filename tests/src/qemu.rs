@@ -357,6 +357,13 @@ pub struct VmConfig {
     /// Keep the run's initramfs as `<logs>/initrd.cpio` (so the printed QEMU command line
     /// still works after the run) instead of in a temporary directory.
     pub keep_initrd: bool,
+    /// Names this VM's files in the logs (`serial.NAME.log`, `qemu.NAME.log`) when a test runs
+    /// two (the source and the destination of a migration).
+    pub name: Option<String>,
+    /// A QMP server on this UNIX socket (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
+    /// Start paused, waiting for a migration on this URI (`-incoming tcp:127.0.0.1:PORT`).
+    pub incoming: Option<String>,
 }
 
 impl VmConfig {
@@ -369,6 +376,22 @@ impl VmConfig {
             cpus: 2,
             memory_mib: 1024,
             keep_initrd: false,
+            name: None,
+            qmp: None,
+            incoming: None,
+        }
+    }
+
+    /// The destination of a migration of this VM: the same machine and guest, named `name`,
+    /// with QMP on `qmp`, waiting on `incoming`, and no devices yet (add the same ones, on the
+    /// destination's own backends).
+    pub fn migration_target(&self, name: &str, qmp: &Path, incoming: &str) -> VmConfig {
+        VmConfig {
+            devices: Vec::new(),
+            name: Some(name.to_string()),
+            qmp: Some(qmp.to_path_buf()),
+            incoming: Some(incoming.to_string()),
+            ..self.clone()
         }
     }
 
@@ -445,7 +468,11 @@ impl Vm {
         };
         guest.initrd_with_script(&config.script, &initrd)?;
         fs::write(logs.path("test.sh"), &config.script)?;
-        let serial = logs.path("serial.log");
+        let file_name = |stem: &str| match &config.name {
+            Some(name) => format!("{stem}.{name}.log"),
+            None => format!("{stem}.log"),
+        };
+        let serial = logs.path(&file_name("serial"));
         let mem = format!("{}M", config.memory_mib);
         let mut args: Vec<String> = vec![
             "-machine".into(),
@@ -474,6 +501,14 @@ impl Vm {
         if !config.allow_reboot {
             args.push("-no-reboot".into());
         }
+        if let Some(qmp) = &config.qmp {
+            args.push("-qmp".into());
+            args.push(format!("unix:{},server=on,wait=off", qemu_path(qmp)));
+        }
+        if let Some(uri) = &config.incoming {
+            args.push("-incoming".into());
+            args.push(uri.clone());
+        }
         args.extend(config.devices.iter().cloned());
         // Where QEMU opens files besides /tmp: the kernel's and the logs' directories.
         let mut binds: Vec<PathBuf> = [guest.kernel.parent(), initrd.parent(), Some(&logs.dir)]
@@ -485,7 +520,7 @@ impl Vm {
         binds.dedup();
         let command = config.qemu.command_line(&args, &binds);
         logs.note_command(&format!("# {}\n{command}", config.qemu.banner));
-        let log = File::create(logs.path("qemu.log"))?;
+        let log = File::create(logs.path(&file_name("qemu")))?;
         let child = config
             .qemu
             .command(&args, &binds)

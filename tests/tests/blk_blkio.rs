@@ -1,108 +1,16 @@
 //! vhost-user-blk driven by an independent frontend and virtio-blk driver: the `blkio` crate's
 //! `virtio-blk-vhost-user` driver (libblkio in Rust), over the daemon's real socket.
 
-use std::mem::MaybeUninit;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::Duration;
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::ReqFlags;
 use rand::{Rng, SeedableRng};
+use vhost_user_tests::blkio_client::{wait_many, wait_one, Client, REGION_SIZE};
 use vhost_user_tests::{Daemon, Result};
 
 const DISK_SIZE: u64 = 64 << 20;
-const REGION_SIZE: usize = 8 << 20;
-
-struct Client {
-    _blkio: Blkio,
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-}
-
-impl Client {
-    fn connect(socket: &Path, num_queues: i32) -> Result<Client> {
-        Self::connect_with(socket, num_queues, false)
-    }
-
-    fn connect_with(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client> {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
-        blkio.set_str("path", &socket.to_string_lossy())?;
-        blkio.set_bool("read-only", read_only)?;
-        blkio.connect()?;
-        blkio.set_i32("num-queues", num_queues)?;
-        let outcome = blkio.start()?;
-        let region = blkio.alloc_mem_region(REGION_SIZE)?;
-        blkio.map_mem_region(&region)?;
-        Ok(Client {
-            _blkio: blkio,
-            queues: outcome.queues,
-            region,
-        })
-    }
-
-    fn capacity(&self) -> Result<u64> {
-        Ok(self._blkio.get_u64("capacity")?)
-    }
-
-    fn buf(&self, offset: usize, len: usize) -> *mut u8 {
-        assert!(offset + len <= self.region.len);
-        (self.region.addr + offset) as *mut u8
-    }
-
-    fn copy_in(&self, offset: usize, data: &[u8]) {
-        // SAFETY: the region is ours, mapped, and `offset + len` is inside it (checked in buf).
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(offset, data.len()), data.len())
-        }
-    }
-
-    fn copy_out(&self, offset: usize, len: usize) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        // SAFETY: as in copy_in.
-        unsafe { std::ptr::copy_nonoverlapping(self.buf(offset, len), out.as_mut_ptr(), len) }
-        out
-    }
-}
-
-/// Waits for one completion on `q` and returns its result code (0 = success).
-fn wait_one(q: &mut Blkioq) -> Result<i32> {
-    let mut completions = [MaybeUninit::<Completion>::uninit(); 1];
-    let mut timeout = Duration::from_secs(20);
-    let n = q.do_io(&mut completions, 1, Some(&mut timeout), None)?;
-    if n != 1 {
-        return Err("no completion within 20 s".into());
-    }
-    // SAFETY: do_io initialised the first `n` entries.
-    Ok(unsafe { completions[0].assume_init_read() }.ret)
-}
-
-/// Waits for `count` completions and returns how many failed.
-fn wait_many(q: &mut Blkioq, count: usize) -> Result<usize> {
-    let mut done = 0;
-    let mut failed = 0;
-    let mut completions: Vec<MaybeUninit<Completion>> =
-        (0..count).map(|_| MaybeUninit::uninit()).collect();
-    while done < count {
-        let mut timeout = Duration::from_secs(20);
-        let n = q.do_io(
-            &mut completions[..count - done],
-            1,
-            Some(&mut timeout),
-            None,
-        )?;
-        if n == 0 {
-            return Err(format!("{done} of {count} completions within 20 s").into());
-        }
-        for c in &completions[..n] {
-            // SAFETY: do_io initialised the first `n` entries.
-            if unsafe { c.assume_init_read() }.ret != 0 {
-                failed += 1;
-            }
-        }
-        done += n;
-    }
-    Ok(failed)
-}
 
 fn disk_file(size: u64) -> Result<tempfile::NamedTempFile> {
     disk_file_in(&std::env::temp_dir(), size)
@@ -396,7 +304,7 @@ fn readonly_disk_refuses_writes_and_serves_reads() -> Result<()> {
     );
     drop(refused);
     let mut client = Client::connect_with(&daemon.socket, 1, true)?;
-    assert!(client._blkio.get_bool("read-only")?);
+    assert!(client.blkio.get_bool("read-only")?);
     let buf = client.buf(4096, 512);
     let q = &mut client.queues[0];
     q.read(0, buf, 512, 0, ReqFlags::empty());

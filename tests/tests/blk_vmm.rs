@@ -415,6 +415,43 @@ fn hostile_chains_get_errors_and_the_daemon_keeps_serving() -> Result<()> {
     Ok(())
 }
 
+/// The config space says `seg_max` = the device's largest queue size - 2, and the frontend
+/// may set up a smaller ring (QEMU's default is 128): a driver then sends chains, through
+/// indirect tables, longer than its ring, as Linux does for large buffered reads. They are
+/// served, up to what `seg_max` allows.
+#[test]
+fn chains_as_long_as_seg_max_allows_are_served_on_a_smaller_ring() -> Result<()> {
+    let file = disk(DISK_SIZE)?;
+    let d = daemon(&file, &["--queue-size", "256"])?;
+    let mut vmm = TestVmm::connect(&d.socket, RAM, 1, 64, Negotiate::default())?;
+    let seg_max = u32::from_le_bytes(vmm.get_config(12, 4)?.try_into().unwrap_or_default());
+    assert_eq!(seg_max, 254);
+    for (segments, served) in [(seg_max, true), (seg_max + 1, false)] {
+        let r = header(&mut vmm, T_IN, 0)?;
+        let data = vmm.ram.alloc(512 * u64::from(segments), 512);
+        let mut bufs = vec![Buf::readable(r.header, 16)];
+        bufs.extend((0..u64::from(segments)).map(|i| Buf::writable(data + 512 * i, 512)));
+        bufs.push(Buf::writable(r.status, 1));
+        let table = vmm.ram.alloc(16 * bufs.len() as u64, 16);
+        let (ram, q) = vmm.queue(0);
+        let head = q.add_indirect_chain(ram, table, &bufs)?;
+        q.publish(ram, head)?;
+        q.notify()?;
+        let used = q.wait_used(ram, 1, WAIT)?;
+        if served {
+            assert_eq!(
+                (status_of(&vmm, &r)?, used[0].len),
+                (S_OK, 512 * segments + 1),
+                "a chain of {} descriptors on a ring of 64",
+                segments + 2
+            );
+        } else {
+            assert_eq!(used[0].len, 0, "a chain longer than seg_max allows");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn readonly_disk_answers_writes_with_ioerr() -> Result<()> {
     let file = disk(DISK_SIZE)?;

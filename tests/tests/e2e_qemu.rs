@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vhost_user_tests::guest::{Guest, GuestKernel};
+use vhost_user_tests::migration::{self, Qmp};
 use vhost_user_tests::netns::{require_root, Background, Netns};
 use vhost_user_tests::qemu::{
     ensure, FioTerse, GuestOutput, Logs, Qemu, QemuVersion, Vm, VmConfig,
@@ -60,14 +61,16 @@ fn e2e(
 
 /// One test per QEMU of the matrix, `NAME::qemu72` and `NAME::qemu11`, running the same body:
 /// QEMU 7.2 with Debian 12's kernel (what a Debian 12 host runs), QEMU 11 with the newest
-/// Debian kernel. Each spells its options through [`Qemu`].
+/// Debian kernel. Each spells its options through [`Qemu`]. `qemu72_ignored = "why"` marks the
+/// 7.2 test `#[ignore]` when QEMU 7.2 itself cannot pass it (the reason says what it does).
 macro_rules! matrix {
-    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+    (@tests $(#[$doc:meta])* $name:ident, [$(#[$qemu72:meta])*], $body:expr) => {
         $(#[$doc])*
         mod $name {
             use super::*;
 
             #[test]
+            $(#[$qemu72])*
             fn qemu72() {
                 e2e(
                     concat!(stringify!($name), "_qemu72"),
@@ -87,6 +90,12 @@ macro_rules! matrix {
                 );
             }
         }
+    };
+    ($(#[$doc:meta])* $name:ident, qemu72_ignored = $why:literal, $body:expr) => {
+        matrix!(@tests $(#[$doc])* $name, [#[ignore = $why]], $body);
+    };
+    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+        matrix!(@tests $(#[$doc])* $name, [], $body);
     };
 }
 
@@ -323,6 +332,111 @@ echo "E2E after_reset_readback_rc=$?"
 );
 
 matrix!(
+    /// A qcow2 disk over a raw backing file: the guest's fio writes (verified with crc32c) and a
+    /// pattern go to the top image, the host's seed line is read through from the base, and
+    /// afterwards the base is unchanged and `qemu-img` finds the top consistent, with the data.
+    blk_qcow2_with_backing_file_fio_verify,
+    |logs, guest, qemu| {
+        use vhost_user_tests::qemu_img;
+        let tag = random_tag();
+        let dir = tempfile::tempdir()?;
+        let base = make_disk(dir.path(), &tag)?;
+        let base_before = fs::read(&base)?;
+        let top = dir.path().join("top.qcow2");
+        qemu_img::create_over(&top, "disk.img", "raw")?;
+        let top_arg = top.to_string_lossy().into_owned();
+        let args = ["--file", &top_arg, "--format", "qcow2", "--num-queues", "2"];
+        let mut daemon = Daemon::start(BLK, &args)?;
+        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
+        logs.note_command(&format!(
+            "{BLK} --socket-path {} {}",
+            daemon.socket.display(),
+            args.join(" ")
+        ));
+        let pattern_block = PATTERN_OFFSET / 4096;
+        let script = format!(
+            r#"echo "E2E size_sectors=$(cat /sys/block/vda/size)"
+{seed}fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
+    --rw=randwrite --bs=4k --size={FIO_SIZE} --verify=crc32c --do_verify=1 \
+    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
+echo "E2E fio_rc=$?"
+echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
+cat /tmp/fio.err
+yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fsync 2>/dev/null
+echo "E2E pattern_write_rc=$?"
+dd if=/dev/vda bs=4096 skip={pattern_block} count={pattern_blocks} iflag=direct 2>/dev/null | cmp - /tmp/pattern
+echo "E2E pattern_readback_rc=$?"
+blkdiscard -o {DISCARD_OFFSET} -l {DISCARD_LEN} /dev/vda
+echo "E2E discard_rc=$?"
+sync
+echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
+"#,
+            seed = read_seed_script(),
+            pattern_blocks = PATTERN_LEN / 4096,
+        );
+        let config = VmConfig::new(qemu, script).blk(&daemon.socket, 2, false);
+        let mut vm = Vm::start(guest, &config, logs)?;
+        let out = vm.finish(BOOT_TIMEOUT, &|| false)?;
+        drop(vm);
+        ensure(daemon.terminate()?.success(), || "the daemon did not exit cleanly".into())?;
+
+        ensure(out.get_u64("size_sectors")? == DISK_SIZE / 512, || {
+            format!("guest sees {:?} sectors", out.get("size_sectors"))
+        })?;
+        let seed = format!("host-seeded-{tag}");
+        ensure(out.get("host_seed")? == seed, || {
+            format!(
+                "guest read {:?} through the backing file where the host wrote {seed:?}",
+                out.get("host_seed")
+            )
+        })?;
+        let fio = FioTerse::parse(out.get("fio")?)?;
+        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
+            format!("fio failed: rc {:?}, error {}", out.get("fio_rc"), fio.error())
+        })?;
+        ensure(
+            fio.write_kib() == FIO_SIZE / 1024 && fio.read_kib() == FIO_SIZE / 1024,
+            || format!("fio wrote {} KiB, verified {} KiB", fio.write_kib(), fio.read_kib()),
+        )?;
+        eprintln!(
+            "blk qcow2: fio 4k randwrite+verify (io_uring, iodepth 16): write {:.0} IOPS, verify read {:.0} IOPS",
+            fio.write_iops(),
+            fio.read_iops(),
+        );
+        ensure(
+            out.get_u64("pattern_write_rc")? == 0
+                && out.get_u64("pattern_readback_rc")? == 0
+                && out.get_u64("discard_rc")? == 0
+                && out.get_u64("io_errors")? == 0,
+            || "the pattern, the discard or the guest's I/O failed".into(),
+        )?;
+        // Writes went to the top: the base is byte for byte what it was.
+        ensure(fs::read(&base)? == base_before, || "the backing file changed".into())?;
+        qemu_img::check(&top, false)?;
+        let flat = dir.path().join("flat.raw");
+        qemu_img::run(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            &top_arg,
+            &flat.to_string_lossy(),
+        ])?;
+        ensure(
+            read_at(&flat, PATTERN_OFFSET, PATTERN_LEN)? == yes_pattern(&tag, PATTERN_LEN),
+            || "qemu-img reads another pattern from the top image".into(),
+        )?;
+        ensure(
+            read_at(&flat, SEED_OFFSET, seed.len())? == seed.as_bytes(),
+            || "qemu-img reads another seed through the backing file".into(),
+        )?;
+        Ok(())
+    }
+);
+
+matrix!(
     blk_readonly_export_refuses_guest_writes,
     |logs, guest, qemu| {
         let tag = random_tag();
@@ -507,6 +621,351 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         Ok(())
     }
 );
+
+/// Who serves the disk on each side of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlkPeer {
+    /// Our daemon.
+    Ours,
+    /// qemu-storage-daemon's vhost-user-blk export (QEMU's own backend), for comparison.
+    Qsd,
+    /// No vhost-user at all: QEMU's built-in virtio-blk on the image (a control experiment).
+    BuiltIn,
+}
+
+/// The disk device of one side of a migration, and the backend serving it (none for QEMU's
+/// built-in virtio-blk); `role` names the backend's log.
+fn attach_blk(
+    config: VmConfig,
+    peer: BlkPeer,
+    disk: &std::path::Path,
+    role: &str,
+    logs: &Logs,
+) -> Result<(VmConfig, Option<Daemon>)> {
+    if peer == BlkPeer::BuiltIn {
+        let mut config = config;
+        config.devices.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
+                vhost_user_tests::qemu::qemu_path(disk)
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0,num-queues=2".into(),
+        ]);
+        return Ok((config, None));
+    }
+    let daemon = blk_peer(peer, disk, role, logs)?;
+    Ok((config.blk(&daemon.socket, 2, false), Some(daemon)))
+}
+
+/// fio's verified region and each pass's size.
+const MIGRATION_FIO_SIZE: u64 = 8 << 20;
+/// The host writes `STOP` here to end the guest's loop of fio passes...
+const STOP_OFFSET: u64 = 240 << 20;
+/// ...and `READ` here to have the guest read [CACHED_OFFSET, + CACHED_LEN) into its page cache
+/// during the migration.
+const READ_OFFSET: u64 = 241 << 20;
+const CACHED_OFFSET: u64 = 128 << 20;
+const CACHED_LEN: u64 = 64 << 20;
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A backend for `disk` on `socket`: `role` names its log ("source", "destination").
+fn blk_peer(peer: BlkPeer, disk: &std::path::Path, role: &str, logs: &Logs) -> Result<Daemon> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("blk.sock");
+    let daemon = match peer {
+        BlkPeer::BuiltIn => return Err("QEMU's built-in virtio-blk has no backend".into()),
+        BlkPeer::Ours => {
+            let disk = disk.to_string_lossy();
+            let args = ["--file", disk.as_ref(), "--num-queues", "2"];
+            Daemon::start_at(BLK, &args, socket, dir)?
+        }
+        BlkPeer::Qsd => {
+            let qsd = vhost_user_tests::guest::find_program("qemu-storage-daemon")
+                .ok_or("qemu-storage-daemon is not installed (Debian: qemu-system-common)")?;
+            let mut command = std::process::Command::new(qsd);
+            // Both sides open the image for writing: QEMU's image locking would refuse it.
+            command.args([
+                "--blockdev".to_string(),
+                format!(
+                    "driver=file,node-name=f,filename={},locking=off",
+                    disk.display()
+                ),
+                "--export".to_string(),
+                format!(
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                    socket.display()
+                ),
+            ]);
+            Daemon::start_command(command, socket, dir)?
+        }
+    };
+    logs.note_command(&format!(
+        "# {role} backend: {peer:?} on {}",
+        daemon.socket.display()
+    ));
+    Ok(daemon)
+}
+
+/// Writes `marker` into the image at `offset` (the guest polls for it with O_DIRECT reads).
+fn write_marker(disk: &std::path::Path, offset: u64, marker: &[u8]) -> Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(disk)?
+        .write_all_at(marker, offset)?;
+    Ok(())
+}
+
+/// What one migration under fio looked like.
+#[derive(Debug)]
+struct BlkMigration {
+    stats: migration::MigrationStats,
+    /// fio passes (each verified) before the migration, and on the destination.
+    passes_before: u64,
+    passes_after: u64,
+}
+
+/// Boots a guest on the source, whose disk is served by `peer` over the image file, with a
+/// second QEMU waiting for it (`-incoming`) next to a second backend on the same file. The
+/// guest runs fio passes, each random 4 KiB writes with crc32c verification while it writes
+/// (`verify_backlog`: reads, so the backend writes guest memory during the migration) and of
+/// the whole region at the end. After the first pass, QMP `migrate`; the destination must run
+/// the pass the migration interrupted and one more, all verified, before the host stops the
+/// loop (`STOP` in the image).
+///
+/// fio checks what it reads at once, on the side that read it, so it would not notice a page
+/// the backend wrote and did not mark (the destination would hold the page's older copy). The
+/// page cache does: once QEMU's first pass over memory is done (every page sent once), the
+/// guest reads 64 MiB of known data into its page cache (buffered reads: the backend writes
+/// the pages by DMA, through io_uring), and on the destination compares the cached copy with
+/// the disk. The migration is held back until that read is done: a downtime limit of 1 ms,
+/// 64 MiB/s for the first pass and 1 MiB/s after it, while the guest dirties 16 MiB over and
+/// over; QEMU never has little enough left to finish.
+fn blk_migration(logs: &Logs, guest: &Guest, qemu: &Qemu, peer: BlkPeer) -> Result<BlkMigration> {
+    let tag = random_tag();
+    let dir = tempfile::tempdir()?;
+    let disk = make_disk(dir.path(), &tag)?;
+
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)?
+        .write_all_at(
+            &binary_pattern(CACHED_LEN as usize, 0x6d69_6772),
+            CACHED_OFFSET,
+        )?;
+    let script = format!(
+        r#"marker() {{ dd if=/dev/vda bs=512 skip=$1 count=1 iflag=direct 2>/dev/null | head -c 4; }}
+(
+    while [ "$(marker {read_sector})" != HOLD ]; do sleep 0.1; done
+    # 16 MiB of memory dirtied over and over (the kernel zeroes dd's buffer): more than the
+    # held-back migration can send within its downtime limit, so it cannot finish yet.
+    dd if=/dev/zero of=/dev/null bs=16M count=1000000 &
+    DIRTIER=$!
+    echo "E2E holding=1"
+    while [ "$(marker {read_sector})" != READ ]; do sleep 0.1; done
+    dd if=/dev/vda of=/dev/null bs=1M skip={cached_mib} count={cached_len_mib} 2>/dev/null
+    echo "E2E cache_filled=$?"
+    kill $DIRTIER
+) &
+READER=$!
+i=0
+while [ $i -lt 60 ]; do
+    i=$((i + 1))
+    fio --name=migration --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
+        --rw=randwrite --bs=4k --size={MIGRATION_FIO_SIZE} --randseed=$i --verify=crc32c \
+        --verify_backlog=64 --do_verify=1 --output-format=terse --terse-version=3 \
+        > /tmp/fio.out 2> /tmp/fio.err
+    rc=$?
+    [ $rc -eq 0 ] || {{ cat /tmp/fio.err; grep '^3;' /tmp/fio.out; }}
+    echo "E2E pass_$i=$rc"
+    [ "$(marker {stop_sector})" = STOP ] && break
+done
+echo "E2E passes=$i"
+wait $READER
+cached=$(dd if=/dev/vda bs=1M skip={cached_mib} count={cached_len_mib} 2>/dev/null | md5sum)
+echo 3 > /proc/sys/vm/drop_caches
+on_disk=$(dd if=/dev/vda bs=1M skip={cached_mib} count={cached_len_mib} iflag=direct 2>/dev/null | md5sum)
+echo "E2E page_cache_matches_disk=$([ "$cached" = "$on_disk" ] && echo 1 || echo 0)"
+echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
+"#,
+        stop_sector = STOP_OFFSET / 512,
+        read_sector = READ_OFFSET / 512,
+        cached_mib = CACHED_OFFSET >> 20,
+        cached_len_mib = CACHED_LEN >> 20,
+    );
+    let qmp_dir = tempfile::tempdir()?;
+    let source_qmp = qmp_dir.path().join("source.qmp");
+    let destination_qmp = qmp_dir.path().join("destination.qmp");
+    let uri = format!("tcp:127.0.0.1:{}", migration::free_tcp_port()?);
+    let mut source_config = VmConfig::new(qemu, script);
+    source_config.name = Some("source".into());
+    source_config.qmp = Some(source_qmp.clone());
+    let destination_config = source_config.migration_target("destination", &destination_qmp, &uri);
+    let (source_config, source_blk) = attach_blk(source_config, peer, &disk, "source", logs)?;
+    let _keep_source = source_blk
+        .as_ref()
+        .map(|d| logs.keep(&d.log, "blk.source.log"));
+    let (destination_config, destination_blk) =
+        attach_blk(destination_config, peer, &disk, "destination", logs)?;
+    let _keep_destination = destination_blk
+        .as_ref()
+        .map(|d| logs.keep(&d.log, "blk.destination.log"));
+    let mut destination = Vm::start(guest, &destination_config, logs)?;
+    let mut source = Vm::start(guest, &source_config, logs)?;
+    let mut source_qmp = Qmp::connect(&source_qmp, Duration::from_secs(30))?;
+    let mut destination_qmp = Qmp::connect(&destination_qmp, Duration::from_secs(30))?;
+
+    source.wait_for("pass_1", BOOT_TIMEOUT)?;
+    write_marker(&disk, READ_OFFSET, b"HOLD")?;
+    source.wait_for("holding", MIGRATION_TIMEOUT)?;
+    // Held back: 64 MiB/s (the first pass takes seconds), 1 ms of downtime (it needs less
+    // than 16 dirty pages to finish, and the guest's dirtier keeps 4096 dirty).
+    let held = migration::MigrationLimits {
+        bandwidth: 64 << 20,
+        downtime_ms: 1,
+    };
+    migration::start_migration(&mut source_qmp, &uri, held)?;
+    // Every page was sent once: what the backend writes from now on reaches the destination
+    // only through the dirty log.
+    migration::wait_dirty_syncs(&mut source_qmp, 2, MIGRATION_TIMEOUT)?;
+    // Held back for good: at 1 MiB/s for 1 ms QEMU would need less than a page left to send.
+    let stalled = migration::MigrationLimits {
+        bandwidth: 1 << 20,
+        downtime_ms: 1,
+    };
+    stalled.apply(&mut source_qmp)?;
+    write_marker(&disk, READ_OFFSET, b"READ")?;
+    source.wait_for("cache_filled", MIGRATION_TIMEOUT)?;
+    let (status, _) = migration::query_migrate(&mut source_qmp)?;
+    ensure(status == "active", || {
+        format!("the migration is {status} before the guest's read ended: the check is void")
+    })?;
+    migration::MigrationLimits::FULL_SPEED.apply(&mut source_qmp)?;
+    let stats = migration::wait_migrated(&mut source_qmp, MIGRATION_TIMEOUT)?;
+    let status = destination_qmp.execute("query-status", serde_json::json!({}))?;
+    ensure(
+        status.get("status").and_then(|s| s.as_str()) == Some("running"),
+        || format!("the destination is not running after the migration: {status}"),
+    )?;
+    // The source stopped for good: what it reported is final.
+    let before = GuestOutput::parse(&source.serial_text());
+    let passes_before = before
+        .pairs
+        .iter()
+        .filter(|(k, _)| k.starts_with("pass_"))
+        .count() as u64;
+    drop(source_qmp);
+    drop(source);
+    // The pass the migration interrupted, and a whole one on the destination.
+    destination.wait_for(&format!("pass_{}", passes_before + 2), MIGRATION_TIMEOUT)?;
+    write_marker(&disk, STOP_OFFSET, b"STOP")?;
+    let after = destination.finish(BOOT_TIMEOUT + MIGRATION_TIMEOUT, &|| false)?;
+    let serial = destination.serial_text();
+    drop(destination);
+
+    for (key, rc) in before.pairs.iter().chain(&after.pairs) {
+        if key.starts_with("pass_") {
+            ensure(rc == "0", || {
+                format!("fio {key} failed (rc {rc}): a verify error")
+            })?;
+        }
+    }
+    for sign in ["is not a head", "Kernel panic", "BUG:", "Oops"] {
+        ensure(!serial.contains(sign), || {
+            format!("the destination guest logged {sign:?}")
+        })?;
+    }
+    ensure(after.get_u64("io_errors")? == 0, || {
+        "the destination guest logged I/O errors".into()
+    })?;
+    ensure(before.get_u64("cache_filled")? == 0, || {
+        "the guest's buffered read during the migration failed".into()
+    })?;
+    ensure(after.get_u64("page_cache_matches_disk")? == 1, || {
+        "the destination's page cache differs from the disk: pages the backend wrote during \
+         the migration were not marked in the dirty log"
+            .into()
+    })?;
+    let passes_after = after.get_u64("passes")? - passes_before;
+    let migration = BlkMigration {
+        stats,
+        passes_before,
+        passes_after,
+    };
+    logs.note_command(&format!("# result: {migration:?}"));
+    eprintln!(
+        "blk migration ({peer:?}, {}): downtime {} ms, total {} ms, {} MiB of RAM sent in {} \
+         dirty-log passes; {} verified fio passes before, {} on the destination",
+        qemu.banner,
+        migration.stats.downtime_ms,
+        migration.stats.total_ms,
+        migration.stats.transferred >> 20,
+        migration.stats.dirty_sync_count,
+        migration.passes_before,
+        migration.passes_after,
+    );
+    Ok(migration)
+}
+
+matrix!(
+    /// Live migration between two QEMUs on this machine, one vhost-user-blk daemon per side on
+    /// the same image, while the guest writes and verifies with fio: zero verify errors, the
+    /// page cache filled during the migration intact, the downtime reported.
+    ///
+    /// QEMU 7.2 (TCG) corrupts the destination guest in this test whatever serves the disk,
+    /// in about one run in two: with this daemon, fio verify errors (a buffer holding another
+    /// block's data) or a kernel crash; with qemu-storage-daemon
+    /// (`blk_live_migration_qsd_peer::qemu72`) a kernel crash; with QEMU's built-in
+    /// virtio-blk, no vhost-user at all (`::qemu72_built_in_virtio_blk`), the same kernel
+    /// crash (NULL pointer dereference in an interrupt, RIP 0) or fio aborting. QEMU 7.2's
+    /// own migration of a busy TCG guest is at fault; QEMU 11.1 passes every time. Hence
+    /// ignored on 7.2: run it with `--ignored` to see (README, "Live migration").
+    blk_live_migration_under_fio_verify,
+    qemu72_ignored = "QEMU 7.2 corrupts busy TCG guests it migrates, with its built-in virtio-blk too: see the doc comment",
+    |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::Ours).map(drop)
+);
+
+/// The same migration with qemu-storage-daemon, QEMU's own backend, on both sides, and with
+/// QEMU's built-in virtio-blk: the references (run with `--ignored`). On QEMU 7.2 both fail
+/// about one run in two (see `blk_live_migration_under_fio_verify`).
+mod blk_live_migration_qsd_peer {
+    use super::*;
+
+    #[test]
+    #[ignore = "a comparison with QEMU's own backend, run by hand"]
+    fn qemu72() {
+        e2e(
+            "blk_live_migration_qsd_peer_qemu72",
+            QemuVersion::Qemu72,
+            GuestKernel::Host,
+            |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::Qsd).map(drop),
+        );
+    }
+
+    /// The control: QEMU 7.2's built-in virtio-blk, no vhost-user.
+    #[test]
+    #[ignore = "a comparison with QEMU's own device, run by hand"]
+    fn qemu72_built_in_virtio_blk() {
+        e2e(
+            "blk_live_migration_built_in_qemu72",
+            QemuVersion::Qemu72,
+            GuestKernel::Host,
+            |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::BuiltIn).map(drop),
+        );
+    }
+
+    #[test]
+    #[ignore = "a comparison with QEMU's own backend, run by hand"]
+    fn qemu11() {
+        e2e(
+            "blk_live_migration_qsd_peer_qemu11",
+            QemuVersion::Qemu11,
+            GuestKernel::Newest,
+            |logs, guest, qemu| blk_migration(logs, guest, qemu, BlkPeer::Qsd).map(drop),
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // vhost-user-net
@@ -700,6 +1159,322 @@ matrix!(
 matrix!(
     net_two_queue_pairs_both_carry_traffic,
     |logs, guest, qemu| { net_end_to_end(logs, guest, qemu, 2) }
+);
+
+// ---------------------------------------------------------------------------------------------
+// vhost-user-net live migration: two QEMUs, one daemon each, each daemon's tap on one bridge
+
+const MIG_BRIDGE: &str = "vumigbr";
+const MIG_SOURCE_TAP: &str = "vumigsrc";
+const MIG_DESTINATION_TAP: &str = "vumigdst";
+/// Seconds of iperf3 (host → guest) around the migration, and its rate (a TCG guest cannot
+/// take much more; the migration must converge).
+const MIG_IPERF_SECONDS: u64 = 10;
+const MIG_IPERF_RATE: &str = "50M";
+/// Queue pairs: QEMU then drives the device as one vhost_dev per pair, each setting the log
+/// and LOG_ALL on the same connection.
+const MIG_QUEUE_PAIRS: u16 = 2;
+/// One ICMP echo request every 10 ms from the host side.
+const MIG_PING_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A stream of known bytes the host sends the guest across the migration, and its rate: the
+/// guest reports its CRC. A receive buffer whose page the daemon wrote without marking it would
+/// reach the destination stale: the guest does not verify TCP checksums the host offloaded
+/// (NEEDS_CSUM), so only the CRC shows it.
+const MIG_STREAM_PORT: u16 = 5300;
+const MIG_STREAM_BYTES: usize = 24 << 20;
+const MIG_STREAM_RATE: usize = 2 << 20;
+
+/// The migrated guest: an address, an iperf3 server, a listener that keeps the stream and
+/// reports its CRC, then a heartbeat on the serial console (the destination's console shows
+/// the guest running there).
+fn migration_script() -> String {
+    format!(
+        r#"ip link set eth0 up
+ip addr add {GUEST_IP}/24 dev eth0
+iperf3 -s -D -p {IPERF_PORT}
+(nc -l -p {MIG_STREAM_PORT} | head -c {MIG_STREAM_BYTES} > /tmp/stream
+ echo "E2E stream=$(crc32 < /tmp/stream) $(wc -c < /tmp/stream)") &
+echo "E2E ready=1"
+n=0
+while true; do n=$((n + 1)); echo "E2E tick=$n"; sleep 1; done
+"#
+    )
+}
+
+/// The iperf3 client's per-interval throughput lines: (start second, Mbit/s).
+fn iperf_intervals(out: &str) -> Vec<(f64, f64)> {
+    out.lines()
+        .filter(|l| l.contains("sec") && l.contains("Mbits/sec") && !l.contains("sender"))
+        .filter(|l| !l.contains("receiver"))
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let range = fields
+                .iter()
+                .position(|f| f.contains('-') && f.contains('.'))?;
+            let start: f64 = fields[range].split('-').next()?.parse().ok()?;
+            let rate = fields.iter().position(|f| *f == "Mbits/sec")?;
+            Some((start, fields.get(rate.checked_sub(1)?)?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn signed_ms(from: Instant, to: Instant) -> f64 {
+    if to >= from {
+        (to - from).as_secs_f64() * 1000.0
+    } else {
+        -((from - to).as_secs_f64() * 1000.0)
+    }
+}
+
+/// Migrates a guest between two QEMUs on this machine while the host pings it every 10 ms and
+/// sends it an iperf3 flow. Each QEMU has its own vhost-user-net daemon and tap; both taps are
+/// ports of one bridge (two hosts on one switch), whose own address is the host side. After
+/// the migration the destination daemon must broadcast QEMU's RARP for the guest's MAC on its
+/// tap (SEND_RARP), the bridge then forwards the flows to the new port, and they continue.
+fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
+    use vhost_user_tests::migration::{Capture, MigratingVm, PacedSender, PingStream};
+    let ns = Netns::new("vumig")?;
+    // No IPv6 (its autoconfiguration traffic only adds noise to the capture).
+    ns.exec(&[
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
+         echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
+    ])?;
+    ns.exec(&["ip", "link", "add", MIG_BRIDGE, "type", "bridge"])?;
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{HOST_IP}/24"),
+        "dev",
+        MIG_BRIDGE,
+    ])?;
+    ns.exec(&["ip", "link", "set", MIG_BRIDGE, "up"])?;
+    let start_daemon = |tap: &str| -> Result<Daemon> {
+        let pairs = MIG_QUEUE_PAIRS.to_string();
+        let args = [
+            "--tap",
+            tap,
+            "--queue-pairs",
+            &pairs,
+            "--mac",
+            GUEST_MAC,
+            "--up",
+        ];
+        let daemon = Daemon::start_with_prefix(&ns.prefix(), NET, &args)?;
+        logs.note_command(&format!(
+            "ip netns exec {} {NET} --socket-path {} {}",
+            ns.name,
+            daemon.socket.display(),
+            args.join(" ")
+        ));
+        ns.exec(&["ip", "link", "set", tap, "master", MIG_BRIDGE])?;
+        Ok(daemon)
+    };
+    let source_daemon = start_daemon(MIG_SOURCE_TAP)?;
+    let _keep_source = logs.keep(&source_daemon.log, "vhost-user-net-source.log");
+    let destination_daemon = start_daemon(MIG_DESTINATION_TAP)?;
+    let _keep_destination = logs.keep(&destination_daemon.log, "vhost-user-net-destination.log");
+
+    let name = logs
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let destination_logs = Logs::new(&format!("{name}-destination"))?;
+    let machine = |socket: &std::path::Path| {
+        let mut config =
+            VmConfig::new(qemu, migration_script()).net(socket, MIG_QUEUE_PAIRS, GUEST_MAC);
+        config.memory_mib = 512;
+        config
+    };
+    let result = (|| -> Result<()> {
+        let mut vms = MigratingVm::start(
+            guest,
+            &machine(&source_daemon.socket),
+            &machine(&destination_daemon.socket),
+            logs,
+            &destination_logs,
+        )?;
+        vms.source.wait_for("ready", BOOT_TIMEOUT)?;
+        let ping = PingStream::start(&ns.name, GUEST_IP.parse()?, MIG_PING_INTERVAL)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ping.replies() < 20 {
+            ensure(Instant::now() < deadline, || {
+                "the guest does not answer pings on the source".to_string()
+            })?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stream: Vec<u8> = binary_pattern(MIG_STREAM_BYTES, 0x5eed);
+        let stream_crc = crc32(&stream);
+        let sender = PacedSender::start(
+            &ns.name,
+            format!("{GUEST_IP}:{MIG_STREAM_PORT}").parse()?,
+            stream,
+            MIG_STREAM_RATE,
+        )?;
+        let source_capture = Capture::start(&ns.name, MIG_SOURCE_TAP)?;
+        let capture = Capture::start(&ns.name, MIG_DESTINATION_TAP)?;
+        let iperf_log = logs.path("iperf3-client.log");
+        let iperf_started = Instant::now();
+        let mut iperf = ns.spawn(
+            &[
+                "iperf3",
+                "-c",
+                GUEST_IP,
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &MIG_IPERF_SECONDS.to_string(),
+                "-b",
+                MIG_IPERF_RATE,
+                "-i",
+                "0.5",
+                "-f",
+                "m",
+            ],
+            &iperf_log,
+        )?;
+        std::thread::sleep(Duration::from_secs(3));
+        let migration = vms.migrate(Duration::from_secs(120))?;
+        let iperf_deadline = Instant::now() + Duration::from_secs(MIG_IPERF_SECONDS + 30);
+        let iperf_status = loop {
+            if let Some(status) = iperf.child.try_wait()? {
+                break status;
+            }
+            ensure(Instant::now() < iperf_deadline, || {
+                "iperf3 did not finish".to_string()
+            })?;
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        sender.finish()?;
+        let received = vms
+            .destination
+            .wait_for("stream", Duration::from_secs(60))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let pings = ping.finish()?;
+        let frames = capture.finish()?;
+        let source_frames = source_capture.finish()?;
+        let tick = vms.destination.wait_for("tick", Duration::from_secs(20))?;
+
+        // What the network saw.
+        let guest_mac: Vec<u8> = GUEST_MAC
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap_or(0))
+            .collect();
+        let incoming: Vec<_> = frames
+            .iter()
+            .filter(|f| f.pkttype != libc::PACKET_OUTGOING)
+            .collect();
+        let rarps: Vec<_> = incoming
+            .iter()
+            .filter(|f| f.ethertype() == Some(0x8035) && f.source() == Some(&guest_mac[..]))
+            .collect();
+        let first_from_guest = incoming
+            .iter()
+            .find(|f| f.source() == Some(&guest_mac[..]) && f.ethertype() != Some(0x8035));
+        // The guest's last frame through the source daemon: it stopped there.
+        let last_on_source = source_frames
+            .iter()
+            .filter(|f| f.pkttype != libc::PACKET_OUTGOING && f.source() == Some(&guest_mac[..]))
+            .map(|f| f.at)
+            .max()
+            .ok_or("no frame from the guest on the source tap")?;
+        let iperf_out = fs::read_to_string(&iperf_log).unwrap_or_default();
+        let intervals = iperf_intervals(&iperf_out);
+        let resumed_at = signed_ms(iperf_started, migration.destination_running) / 1000.0;
+        let stalled: Vec<f64> = intervals
+            .iter()
+            .filter(|(_, rate)| *rate == 0.0)
+            .map(|(start, _)| *start)
+            .collect();
+        let lost = pings.lost();
+        let lost_in_migration = pings.lost_after(migration.started);
+        let (gap, gap_end) = pings
+            .longest_gap_after(migration.started)
+            .ok_or("no ping replies after the migration started")?;
+        let replies_after = pings
+            .replies
+            .iter()
+            .filter(|(_, at)| *at > migration.destination_running)
+            .count();
+        eprintln!(
+            "net migration ({}): total {} ms, downtime {} ms (QEMU's figures), {:.1} MiB of RAM sent",
+            qemu.banner,
+            migration.total_ms,
+            migration.downtime_ms,
+            migration.ram_bytes as f64 / f64::from(1u32 << 20)
+        );
+        eprintln!(
+            "net migration: {} pings every {:?}: {lost} lost ({lost_in_migration} once the migration started); longest gap between replies since then {:.0} ms, ending {:+.0} ms after the destination was seen running; {replies_after} replies after",
+            pings.sent.len(),
+            MIG_PING_INTERVAL,
+            gap.as_secs_f64() * 1000.0,
+            signed_ms(migration.destination_running, gap_end),
+        );
+        match rarps.first() {
+            Some(first) => eprintln!(
+                "net migration: announce: {} RARP(s) from {GUEST_MAC} on the destination tap, the first {:.1} ms after the guest's last frame on the source tap and {:+.1} ms after the destination was seen running (polled; the source reported completion at {:+.1} ms); the guest's first other frame on the destination tap {:+.1} ms",
+                rarps.len(),
+                signed_ms(last_on_source, first.at),
+                signed_ms(migration.destination_running, first.at),
+                signed_ms(migration.destination_running, migration.completed),
+                first_from_guest.map_or(f64::NAN, |f| signed_ms(migration.destination_running, f.at)),
+            ),
+            None => eprintln!("net migration: no RARP on the destination tap"),
+        }
+        eprintln!(
+            "net migration: iperf3 {MIG_IPERF_RATE} host->guest for {MIG_IPERF_SECONDS} s ({iperf_status}); destination ran {resumed_at:.1} s in; intervals at 0 Mbit/s: {stalled:?}"
+        );
+
+        let (crc, len) = crc_and_len(&received)?;
+        eprintln!(
+            "net migration: {MIG_STREAM_BYTES} bytes at {MIG_STREAM_RATE} B/s across the migration: the guest got {len} bytes with CRC {crc:08x}, sent {stream_crc:08x}"
+        );
+        ensure(crc == stream_crc && len == MIG_STREAM_BYTES, || {
+            format!(
+                "the guest received other bytes than were sent ({len} bytes, CRC {crc:08x}; sent {MIG_STREAM_BYTES}, {stream_crc:08x}): a receive buffer page written but not logged?"
+            )
+        })?;
+        ensure(tick.parse::<u64>().is_ok(), || {
+            "the guest does not run on the destination".to_string()
+        })?;
+        ensure(!rarps.is_empty(), || {
+            format!("the destination daemon put no RARP for {GUEST_MAC} on its tap")
+        })?;
+        let announce = signed_ms(migration.destination_running, rarps[0].at);
+        ensure(announce < 1000.0, || {
+            format!("the announcement came {announce:.0} ms after the destination ran")
+        })?;
+        ensure(destination_daemon.log_text().contains("announced"), || {
+            "the destination daemon did not log its announcement".to_string()
+        })?;
+        ensure(replies_after > 100, || {
+            format!("the guest answered only {replies_after} pings on the destination")
+        })?;
+        ensure(iperf_status.success(), || {
+            format!("iperf3 failed ({iperf_status}):\n{iperf_out}")
+        })?;
+        let after: Vec<f64> = intervals
+            .iter()
+            .filter(|(start, _)| *start >= resumed_at + 1.0)
+            .map(|(_, rate)| *rate)
+            .collect();
+        ensure(!after.is_empty() && after.iter().all(|r| *r > 0.0), || {
+            format!("the iperf3 flow did not continue on the destination ({after:?} Mbit/s):\n{iperf_out}")
+        })?;
+        Ok(())
+    })();
+    result.map_err(|e| format!("{e}\n{}", destination_logs.report()).into())
+}
+
+matrix!(
+    /// Live migration of a guest whose NIC is vhost-user-net: ping and iperf3 continue on the
+    /// destination, which announces the guest with a RARP.
+    net_live_migration_ping_and_iperf3_continue,
+    |logs, guest, qemu| { net_migration(logs, guest, qemu) }
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1192,6 +1967,57 @@ fn console_linux_driver_qemu11_debian12_kernel() {
     );
 }
 
+/// QEMU's generic vhost-user device, the only way to attach vhost-user-console, is not
+/// migratable: QEMU 11 refuses `migrate` at once (a device state QEMU cannot save), although
+/// the daemon offers dirty-page logging. 7.2 has no such device at all.
+#[test]
+fn console_migration_is_refused_by_qemu11() {
+    e2e(
+        "console_migration_is_refused_by_qemu11",
+        QemuVersion::Qemu11,
+        GuestKernel::Newest,
+        |logs, guest, qemu| {
+            use vhost_user_tests::migration::Qmp;
+            let dir = tempfile::tempdir()?;
+            let socket = dir.path().join("vuc.sock");
+            let endpoint = dir.path().join("console.sock");
+            let endpoint_arg = endpoint.to_string_lossy().into_owned();
+            let daemon = Daemon::start_at(
+                CONSOLE,
+                &["--unix", &endpoint_arg],
+                socket.clone(),
+                tempfile::tempdir()?,
+            )?;
+            let _keep = logs.keep(&daemon.log, "vhost-user-console.log");
+            let qmp = dir.path().join("qmp.sock");
+            let mut config = VmConfig::new(qemu, "sleep 1000\n").console(&socket, 1, false)?;
+            config.devices.extend([
+                "-qmp".to_string(),
+                format!(
+                    "unix:{},server=on,wait=off",
+                    vhost_user_tests::qemu::qemu_path(&qmp)
+                ),
+            ]);
+            let _vm = Vm::start(guest, &config, logs)?;
+            let mut qmp = Qmp::connect(&qmp, Duration::from_secs(60))?;
+            // Nothing listens on port 1: a migration that got past QEMU's checks would fail
+            // later, and differently.
+            let answer = qmp.execute("migrate", serde_json::json!({ "uri": "tcp:127.0.0.1:1" }));
+            let refused = match answer {
+                Err(e) => e.to_string(),
+                Ok(v) => return Err(format!("QEMU accepted the migration: {v}").into()),
+            };
+            eprintln!("console migration: {} answers: {refused}", qemu.banner);
+            ensure(refused.contains("non-migratable"), || {
+                format!("QEMU refused the migration, but not for the device: {refused}")
+            })?;
+            ensure(daemon.log_text().contains("frontend connected"), || {
+                "QEMU never connected to the console daemon".to_string()
+            })?;
+            Ok(())
+        },
+    );
+}
 // ---------------------------------------------------------------------------------------------
 // vhost-user-blk on a Ceph RBD image (`--rbd`; a throwaway cluster, `vhost_user_tests::ceph`)
 

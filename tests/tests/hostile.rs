@@ -289,6 +289,16 @@ fn blk_survives_a_hostile_frontend() -> Result<()> {
 }
 
 #[test]
+fn blk_qcow2_survives_a_hostile_frontend() -> Result<()> {
+    attacker(Kind::BlkQcow2)
+}
+
+#[test]
+fn blk_qcow2_survives_memory_shrunk_under_a_request() -> Result<()> {
+    bounded(Kind::BlkQcow2, LIMIT, shrunk_memory)
+}
+
+#[test]
 fn net_survives_a_hostile_frontend() -> Result<()> {
     attacker(Kind::Net)
 }

@@ -20,6 +20,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use vhost_user_tests::inflight::{region_size, Inflight};
 use vhost_user_tests::*;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,77 +33,6 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Where each queue's rings live in guest RAM (room for 1024 entries).
 const RING_BASE: u64 = 0x10_0000;
 const RING_STRIDE: u64 = 0x10_0000;
-
-/// Byte layout of a queue region, from the spec (QEMU docs/interop/vhost-user.rst) and
-/// libvhost-user's stride.
-fn region_size(queue_size: u16) -> u64 {
-    (16 * u64::from(queue_size) + 2).div_ceil(64) * 64
-}
-
-/// The inflight buffer as the frontend holds it across backend restarts.
-struct Inflight {
-    info: VhostUserInflight,
-    file: File,
-}
-
-impl Inflight {
-    fn region(&self, queue: usize) -> u64 {
-        queue as u64 * region_size(self.info.queue_size)
-    }
-    fn read_u16(&self, at: u64) -> Result<u16> {
-        let mut b = [0u8; 2];
-        self.file.read_exact_at(&mut b, at)?;
-        Ok(u16::from_ne_bytes(b))
-    }
-    fn write_u16(&self, at: u64, v: u16) -> Result<()> {
-        Ok(self.file.write_all_at(&v.to_ne_bytes(), at)?)
-    }
-    fn version(&self, q: usize) -> Result<u16> {
-        self.read_u16(self.region(q) + 8)
-    }
-    fn desc_num(&self, q: usize) -> Result<u16> {
-        self.read_u16(self.region(q) + 10)
-    }
-    fn used_idx(&self, q: usize) -> Result<u16> {
-        self.read_u16(self.region(q) + 14)
-    }
-    fn set_last_batch_head(&self, q: usize, head: u16) -> Result<()> {
-        self.write_u16(self.region(q) + 12, head)
-    }
-    fn set_used_idx(&self, q: usize, idx: u16) -> Result<()> {
-        self.write_u16(self.region(q) + 14, idx)
-    }
-    fn desc_at(&self, q: usize, head: u16) -> u64 {
-        self.region(q) + 16 + 16 * u64::from(head)
-    }
-    /// (inflight, next, counter) of descriptor `head`.
-    fn desc(&self, q: usize, head: u16) -> Result<(u8, u16, u64)> {
-        let mut b = [0u8; 16];
-        self.file.read_exact_at(&mut b, self.desc_at(q, head))?;
-        let next = u16::from_ne_bytes([b[6], b[7]]);
-        let mut c = [0u8; 8];
-        c.copy_from_slice(&b[8..]);
-        Ok((b[0], next, u64::from_ne_bytes(c)))
-    }
-    fn set_desc(&self, q: usize, head: u16, inflight: u8, next: u16, counter: u64) -> Result<()> {
-        let mut b = [0u8; 16];
-        b[0] = inflight;
-        b[6..8].copy_from_slice(&next.to_ne_bytes());
-        b[8..].copy_from_slice(&counter.to_ne_bytes());
-        Ok(self.file.write_all_at(&b, self.desc_at(q, head))?)
-    }
-    /// Heads marked in flight, with their counters.
-    fn in_flight(&self, q: usize) -> Result<Vec<(u16, u64)>> {
-        let mut out = Vec::new();
-        for head in 0..self.info.queue_size {
-            let (inflight, _, counter) = self.desc(q, head)?;
-            if inflight != 0 {
-                out.push((head, counter));
-            }
-        }
-        Ok(out)
-    }
-}
 
 /// The guest's side of one split ring, with the raw access a test of crash states needs.
 struct Ring {

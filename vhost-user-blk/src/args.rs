@@ -9,6 +9,7 @@ use vhost_user_common::{ListenArgs, ListenConfig};
 use crate::disk::DiskOptions;
 use crate::executor::EngineKind;
 use crate::rbd::options::{parse_spec, RbdOptions};
+use crate::qcow2::ImageFormat;
 use crate::request::ID_BYTES;
 
 /// The longest `--poll-us` accepted.
@@ -29,6 +30,19 @@ pub struct Args {
         required_unless_present_any = ["print_capabilities", "rbd"]
     )]
     pub file: Option<PathBuf>,
+
+    /// What --file holds: raw (its bytes are the disk's) or a qcow2 image. Never guessed: a guest
+    /// could write a qcow2 header into a raw disk and name host files as its backing file.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = ImageFormat::Raw)]
+    pub format: ImageFormat,
+
+    /// qcow2: use this backing file (opened read-only) instead of the one the image names.
+    #[arg(long, value_name = "PATH")]
+    pub backing: Option<PathBuf>,
+
+    /// qcow2: the backing file's format, for images that do not record it (or to override it).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub backing_format: Option<ImageFormat>,
 
     /// A Ceph RBD image instead of a file, as rbd(8) names it; a snapshot (@SNAP) is served
     /// read-only. Needs a build with the `rbd` feature (the Debian package has it).
@@ -133,6 +147,8 @@ pub enum ConfigError {
     LogicalBlockSize(u32),
     #[error("--poll-us {0}: must be at most {MAX_POLL_US} (10 ms)")]
     PollUs(u32),
+    #[error("{0} applies to qcow2 images only: add --format qcow2")]
+    QcowOnly(&'static str),
 }
 
 impl TryFrom<Args> for Config {
@@ -171,12 +187,23 @@ impl TryFrom<Args> for Config {
         if args.poll_us > MAX_POLL_US {
             return Err(ConfigError::PollUs(args.poll_us));
         }
+        if args.format != ImageFormat::Qcow2 {
+            if args.backing.is_some() {
+                return Err(ConfigError::QcowOnly("--backing"));
+            }
+            if args.backing_format.is_some() {
+                return Err(ConfigError::QcowOnly("--backing-format"));
+            }
+        }
         Ok(Config {
             listen: args.listen.listen_config()?,
             disk: DiskOptions {
                 path,
                 readonly: args.readonly,
                 direct: args.direct,
+                format: args.format,
+                backing: args.backing,
+                backing_format: args.backing_format,
             },
             rbd,
             num_queues: args.num_queues,
@@ -234,6 +261,7 @@ mod tests {
         assert_eq!(config.queue_size, 256);
         assert_eq!(config.engine, EngineKind::IoUring);
         assert!(!config.disk.readonly);
+        assert_eq!(config.disk.format, ImageFormat::Raw, "never guessed");
     }
 
     #[test]
@@ -246,6 +274,17 @@ mod tests {
         assert!(parse(&["--logical-block-size", "1024"]).is_err_and(|e| e.contains("512 or 4096")));
         assert!(parse(&["--io-engine", "sync"]).is_ok_and(|c| c.engine == EngineKind::Sync));
         assert!(parse(&["--poll-us", "20000"]).is_err_and(|e| e.contains("--poll-us")));
+        assert!(parse(&["--backing", "/b"]).is_err_and(|e| e.contains("--format qcow2")));
+        assert!(parse(&[
+            "--format",
+            "qcow2",
+            "--backing",
+            "/b",
+            "--backing-format",
+            "raw"
+        ])
+        .is_ok_and(|c| c.disk.backing_format == Some(ImageFormat::Raw)));
+        assert!(parse(&["--format", "vmdk"]).is_err());
         assert!(parse(&["--poll-us", "50"])
             .is_ok_and(|c| c.poll == std::time::Duration::from_micros(50)));
     }

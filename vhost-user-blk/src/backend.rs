@@ -16,8 +16,11 @@ use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::device::{
+    read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
+};
 use vhost_user_common::inflight;
+use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::{exit_event_pair, lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -224,6 +227,8 @@ pub fn device_features(readonly: bool) -> u64 {
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_CONFIG_WCE
         | 1 << VIRTIO_BLK_F_MQ
+        // Live migration: every write to guest memory is logged while the frontend asks.
+        | MIGRATION_FEATURES
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if readonly {
         features |= 1 << VIRTIO_BLK_F_RO;
@@ -250,7 +255,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let before = self.acked_features.swap(features, Ordering::Relaxed);
+        // A frontend could toggle the bit in a loop: the lines are rate-limited.
+        static LOGGING_CHANGES: RateLimit = RateLimit::new(Duration::from_secs(1), 4);
+        if (before ^ features) & MIGRATION_FEATURES != 0 && LOGGING_CHANGES.allow() {
+            if features & MIGRATION_FEATURES != 0 {
+                log::info!("live migration: writes to guest memory are logged");
+            } else {
+                log::info!("live migration: logging stopped");
+            }
+        }
         // Without FLUSH the driver cannot ask for durability, so the device must write through.
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.ctx.set_writeback(flush);
@@ -265,6 +279,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | MIGRATION_PROTOCOL_FEATURES
     }
 
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {

@@ -1,11 +1,14 @@
-//! The backing store: a regular file or a block device, and the operations virtio-blk needs on
-//! it. Offsets and lengths here are already validated against the capacity by the request layer.
+//! The backing store: a regular file or a block device, holding a raw disk or a qcow2 image
+//! ([`crate::qcow2`]), and the operations virtio-blk needs on it. Offsets and lengths here are
+//! already validated against the capacity by the request layer.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::qcow2::{ImageError, ImageFormat, ImageOptions, Lookup, Qcow2Image};
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 nix::ioctl_read_bad!(blk_get_logical_block_size, libc::BLKSSZGET, libc::c_int);
@@ -20,6 +23,26 @@ pub struct DiskOptions {
     pub readonly: bool,
     /// O_DIRECT: bypass the host page cache.
     pub direct: bool,
+    /// What the file holds; never guessed.
+    pub format: ImageFormat,
+    /// qcow2: a backing file instead of the one the image names.
+    pub backing: Option<PathBuf>,
+    /// qcow2: the backing file's format, when the image does not record it.
+    pub backing_format: Option<ImageFormat>,
+}
+
+impl DiskOptions {
+    /// A raw disk at `path`, with the default options.
+    pub fn raw(path: impl Into<PathBuf>) -> DiskOptions {
+        DiskOptions {
+            path: path.into(),
+            readonly: false,
+            direct: false,
+            format: ImageFormat::Raw,
+            backing: None,
+            backing_format: None,
+        }
+    }
 }
 
 /// Errors opening the backing store, worded for the operator.
@@ -35,6 +58,8 @@ pub enum DiskError {
     Size { path: PathBuf, source: io::Error },
     #[error("{path}: is empty; a disk needs at least one 512-byte sector (resize it, e.g. truncate -s 1G)")]
     Empty { path: PathBuf },
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 /// An open backing file or block device.
@@ -55,6 +80,8 @@ pub struct Disk {
     /// The file lives in memory (tmpfs, ramfs, hugetlbfs): I/O is a memory copy that never
     /// waits for a device.
     memory_backed: bool,
+    /// A qcow2 image: guest offsets go through its mapping.
+    image: Option<Qcow2Image>,
 }
 
 /// File systems whose files are memory: tmpfs, ramfs, hugetlbfs (statfs `f_type`).
@@ -105,7 +132,7 @@ impl Disk {
         if !is_block_device && !meta.file_type().is_file() {
             return Err(DiskError::NotADisk { path });
         }
-        let (size, direct_alignment, physical_block_size, identity) = if is_block_device {
+        let (mut size, direct_alignment, physical_block_size, identity) = if is_block_device {
             let mut size = 0u64;
             let mut logical: libc::c_int = 512;
             let mut physical: libc::c_uint = 512;
@@ -128,6 +155,22 @@ impl Disk {
         } else {
             (meta.len(), 512, 4096, (meta.dev(), meta.ino()))
         };
+        let image = match options.format {
+            ImageFormat::Raw => None,
+            ImageFormat::Qcow2 => {
+                let image = Qcow2Image::open(
+                    &path,
+                    &ImageOptions {
+                        writable: !options.readonly,
+                        direct: options.direct,
+                        backing: options.backing.clone(),
+                        backing_format: options.backing_format,
+                    },
+                )?;
+                size = image.size();
+                Some(image)
+            }
+        };
         if size < 512 {
             return Err(DiskError::Empty { path });
         }
@@ -143,7 +186,35 @@ impl Disk {
             physical_block_size,
             identity,
             memory_backed,
+            image,
         })
+    }
+
+    /// The qcow2 image, when the disk is one.
+    pub fn image(&self) -> Option<&Qcow2Image> {
+        self.image.as_ref()
+    }
+
+    /// What the start-up log says about the format: empty for raw.
+    pub fn describe_format(&self) -> String {
+        match &self.image {
+            Some(image) => format!(", qcow2: {}", image.describe()),
+            None => String::new(),
+        }
+    }
+
+    /// Where guest bytes `[offset, offset + len)` are on the host, when one read or write there
+    /// does the whole request: raw disks always; qcow2 images for one run of allocated clusters.
+    pub fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<(RawFd, u64)> {
+        match &self.image {
+            None => Some((self.file.as_raw_fd(), offset)),
+            Some(image) => image.direct_extent(offset, len, write),
+        }
+    }
+
+    /// Whether a flush is more than fdatasync on the file (qcow2: cached metadata first).
+    pub fn flush_needs_sync_path(&self) -> bool {
+        self.image.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -193,8 +264,24 @@ impl Disk {
     /// Every iovec must describe memory that is valid for writes of its length and stays so
     /// until this returns.
     pub unsafe fn read_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
-        // SAFETY: the caller vouches for the iovecs.
-        unsafe { self.vectored_at(iov, offset, false, 0) }
+        let Some(image) = &self.image else {
+            // SAFETY: the caller vouches for the iovecs.
+            return unsafe { vectored_at(self.file.as_raw_fd(), iov, offset, false, 0) };
+        };
+        let len = iov.iter().map(|v| v.iov_len as u64).sum();
+        match image.lookup(offset, len, false) {
+            // SAFETY: the caller vouches for the iovecs.
+            Lookup::Host(fd, at) => unsafe { vectored_at(fd, iov, at, false, 0) },
+            Lookup::Zero => {
+                for v in iov {
+                    // SAFETY: the caller vouches that each iovec is writable memory of its length.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+                Ok(())
+            }
+            // SAFETY: the caller vouches for the iovecs.
+            Lookup::Image => unsafe { image.readv(iov, offset) },
+        }
     }
 
     /// `pwritev2` until all of `iov` is written; `dsync` makes this write durable (write-through).
@@ -209,81 +296,37 @@ impl Disk {
         dsync: bool,
     ) -> io::Result<()> {
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        // SAFETY: the caller vouches for the iovecs.
-        unsafe { self.vectored_at(iov, offset, true, flags) }
-    }
-
-    /// # Safety
-    /// As for [`Disk::read_vectored_at`] / [`Disk::write_vectored_at`].
-    unsafe fn vectored_at(
-        &self,
-        iov: &[libc::iovec],
-        offset: u64,
-        write: bool,
-        flags: libc::c_int,
-    ) -> io::Result<()> {
-        // The common case is one call that transfers everything; the iovecs are only copied (to
-        // be advanced) after a short transfer.
-        let original = iov;
-        let total: usize = original.iter().map(|v| v.iov_len).sum();
-        let mut owned: Option<Vec<libc::iovec>> = None;
-        let mut first = 0;
-        let mut offset = offset;
-        while first < original.len() {
-            let iov: &[libc::iovec] = owned.as_deref().unwrap_or(original);
-            let count = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
-            let off = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: the caller guarantees the iovecs describe valid memory for this call.
-            let done = unsafe {
-                if write {
-                    libc::pwritev2(
-                        self.file.as_raw_fd(),
-                        iov[first..].as_ptr(),
-                        count as i32,
-                        off,
-                        flags,
-                    )
-                } else {
-                    libc::preadv(
-                        self.file.as_raw_fd(),
-                        iov[first..].as_ptr(),
-                        count as i32,
-                        off,
-                    )
+        let len = iov.iter().map(|v| v.iov_len as u64).sum();
+        match (self.direct_extent(offset, len, true), &self.image) {
+            // SAFETY: the caller vouches for the iovecs.
+            (Some((fd, at)), _) => unsafe { vectored_at(fd, iov, at, true, flags) },
+            (None, Some(image)) => {
+                // SAFETY: as above.
+                unsafe { image.writev(iov, offset)? };
+                if dsync {
+                    // Write-through: the clusters this allocated must be durable too.
+                    image.flush()?;
                 }
-            };
-            if done < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+                Ok(())
             }
-            if done == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "short transfer at end of disk",
-                ));
-            }
-            if owned.is_none() && done as usize == total {
-                return Ok(());
-            }
-            offset += done as u64;
-            let iov = owned.get_or_insert_with(|| original.to_vec());
-            first = advance_iovecs(iov, first, done as usize);
+            (None, None) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
-        Ok(())
     }
 
     /// fdatasync: everything written before is durable when this returns.
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        match &self.image {
+            Some(image) => image.flush(),
+            None => self.file.sync_data(),
+        }
     }
 
     /// Tells the storage the range is unused. Files get a hole; devices get BLKDISCARD.
     /// Discard is a hint: where the storage cannot do it, it is a successful no-op.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(image) = &self.image {
+            return image.write_zeroes(offset, len, true);
+        }
         let result = if self.is_block_device {
             // SAFETY: the fd is an open block device; the argument is a [start, len] pair.
             unsafe { blk_discard(self.file.as_raw_fd(), &[offset, len]) }
@@ -304,6 +347,9 @@ impl Disk {
 
     /// Makes the range read back as zeroes; with `unmap`, deallocating it where possible.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if let Some(image) = &self.image {
+            return image.write_zeroes(offset, len, unmap);
+        }
         if self.is_block_device {
             // SAFETY: the fd is an open block device; the argument is a [start, len] pair.
             return unsafe { blk_zero_out(self.file.as_raw_fd(), &[offset, len]) }
@@ -354,6 +400,62 @@ impl Disk {
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+}
+
+/// `preadv`/`pwritev2` on `fd` until all of `iov` is transferred (short transfers continue; EOF
+/// is an error).
+///
+/// # Safety
+/// Every iovec must describe memory valid for the transfer's direction and length until this
+/// returns.
+unsafe fn vectored_at(
+    fd: RawFd,
+    iov: &[libc::iovec],
+    offset: u64,
+    write: bool,
+    flags: libc::c_int,
+) -> io::Result<()> {
+    // The common case is one call that transfers everything; the iovecs are only copied (to
+    // be advanced) after a short transfer.
+    let original = iov;
+    let total: usize = original.iter().map(|v| v.iov_len).sum();
+    let mut owned: Option<Vec<libc::iovec>> = None;
+    let mut first = 0;
+    let mut offset = offset;
+    while first < original.len() {
+        let iov: &[libc::iovec] = owned.as_deref().unwrap_or(original);
+        let count = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the caller guarantees the iovecs describe valid memory for this call.
+        let done = unsafe {
+            if write {
+                libc::pwritev2(fd, iov[first..].as_ptr(), count as i32, off, flags)
+            } else {
+                libc::preadv(fd, iov[first..].as_ptr(), count as i32, off)
+            }
+        };
+        if done < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if done == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short transfer at end of disk",
+            ));
+        }
+        if owned.is_none() && done as usize == total {
+            return Ok(());
+        }
+        offset += done as u64;
+        let iov = owned.get_or_insert_with(|| original.to_vec());
+        first = advance_iovecs(iov, first, done as usize);
+    }
+    Ok(())
 }
 
 /// Drops the first `done` bytes from `iov[first..]`; returns the new first index.
@@ -440,9 +542,8 @@ pub(crate) fn temp_disk(len: u64, readonly: bool) -> (tempfile::NamedTempFile, D
         .set_len(len)
         .unwrap_or_else(|e| panic!("{e}"));
     let disk = Disk::open(&DiskOptions {
-        path: file.path().to_owned(),
         readonly,
-        direct: false,
+        ..DiskOptions::raw(file.path())
     })
     .unwrap_or_else(|e| panic!("{e}"));
     (file, disk)
@@ -518,11 +619,7 @@ mod tests {
     #[test]
     fn empty_file_is_refused_with_a_hint() {
         let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
-        let err = Disk::open(&DiskOptions {
-            path: file.path().to_owned(),
-            readonly: false,
-            direct: false,
-        });
+        let err = Disk::open(&DiskOptions::raw(file.path()));
         assert!(matches!(err, Err(DiskError::Empty { .. })));
     }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use vhost_user_common::chain::{host_iovecs, Segment};
+use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::GuestMemory;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -45,6 +46,9 @@ pub struct ExecContext {
     serial: Vec<u8>,
     /// Write-back cache on (the guest flushes); when off, every write is made durable.
     writeback: AtomicBool,
+    /// Failed requests are logged through this: a guest can fail them at will (a qcow2
+    /// image's metadata error fails every request that touches it).
+    errors: RateLimit,
 }
 
 impl ExecContext {
@@ -57,6 +61,7 @@ impl ExecContext {
             store,
             serial,
             writeback: AtomicBool::new(true),
+            errors: RateLimit::default(),
         }
     }
 
@@ -217,11 +222,11 @@ pub fn execute_sync(request: &Request, ctx: &ExecContext, mem: &GuestMemory) -> 
     match result {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) => {
-            log::warn!(
+            ctx.errors.warn(format_args!(
                 "{}: {:?} failed: {e}",
                 disk.path().display(),
                 kind_name(&request.op)
-            );
+            ));
             VIRTIO_BLK_S_IOERR
         }
     }
@@ -293,9 +298,8 @@ impl UringEngine {
         ctx: &ExecContext,
         mem: &Arc<GuestMemory>,
     ) -> Option<Completion> {
-        let finish_now = |status: u8| Some(request.finish(head, mem, status));
         let Some(disk) = ctx.store.file() else {
-            return finish_now(VIRTIO_BLK_S_IOERR);
+            return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
         };
         let slot = usize::from(head);
         if slot >= self.slots.len() || self.slots[slot].is_some() {
@@ -303,15 +307,21 @@ impl UringEngine {
             log::warn!("descriptor {head} made available again while in flight; ignored");
             return None;
         }
-        let fd = types::Fd(disk.raw_fd());
         let (entry, buffers, expected) = match &request.op {
             Operation::Read { offset, data, len } | Operation::Write { offset, data, len } => {
                 let is_write = matches!(request.op, Operation::Write { .. });
+                // Where the bytes are on the host (a qcow2 image maps them); requests that need
+                // the image's own code (cluster allocation, ...) run synchronously.
+                let Some((fd, at)) = disk.direct_extent(*offset, *len, is_write) else {
+                    let status = execute_sync(&request, ctx, mem);
+                    return Some(request.finish(head, mem, status));
+                };
+                let fd = types::Fd(fd);
                 let buffers = match IoBuffers::new(disk, mem, data, *len, is_write) {
                     Ok(b) => b,
                     Err(e) => {
                         log::warn!("cannot map request buffers: {e}");
-                        return finish_now(VIRTIO_BLK_S_IOERR);
+                        return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
                     }
                 };
                 let iov = buffers.iovecs.as_ptr();
@@ -323,22 +333,25 @@ impl UringEngine {
                         0
                     };
                     opcode::Writev::new(fd, iov, count)
-                        .offset(*offset)
+                        .offset(at)
                         .rw_flags(flags)
                         .build()
                 } else {
-                    opcode::Readv::new(fd, iov, count).offset(*offset).build()
+                    opcode::Readv::new(fd, iov, count).offset(at).build()
                 };
                 (entry, Some(buffers), *len as usize)
             }
-            Operation::Flush => (
-                opcode::Fsync::new(fd)
+            Operation::Flush if !disk.flush_needs_sync_path() => (
+                opcode::Fsync::new(types::Fd(disk.raw_fd()))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),
                 None,
                 0,
             ),
-            _ => return finish_now(execute_sync(&request, ctx, mem)),
+            _ => {
+                let status = execute_sync(&request, ctx, mem);
+                return Some(request.finish(head, mem, status));
+            }
         };
         let entry = entry.user_data(u64::from(head));
         // SAFETY: the iovecs and the buffers they point to (guest memory kept mapped by `mem`,
@@ -350,7 +363,7 @@ impl UringEngine {
                 && unsafe { self.ring.submission().push(&entry).is_ok() });
         if !pushed {
             log::warn!("io_uring submission queue full; failing request");
-            return finish_now(VIRTIO_BLK_S_IOERR);
+            return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
         }
         self.slots[slot] = Some(InFlight {
             head,

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod disk;
 pub mod executor;
 pub mod pool;
+pub mod qcow2;
 pub mod queue;
 pub mod rbd;
 pub mod request;
@@ -120,9 +121,10 @@ fn device_settings(config: &Config, store: &Store) -> DeviceSettings {
         .unwrap_or_else(|| store.default_serial());
     let direct = store.file().is_some_and(|disk| disk.direct());
     log::info!(
-        "{}: {} bytes{}{}, {} queue(s) of {}, serial {serial:?}, {} engine{}",
+        "{}: {} bytes{}{}{}, {} queue(s) of {}, serial {serial:?}, {} engine{}",
         store.name(),
         store.size(),
+        store.file().map(|disk| disk.describe_format()).unwrap_or_default(),
         if store.readonly() { ", read-only" } else { "" },
         if direct { ", O_DIRECT" } else { "" },
         config.num_queues,

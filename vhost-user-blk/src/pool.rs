@@ -116,10 +116,10 @@ fn run_jobs(shared: &Shared) {
         };
         let finished: Vec<Completion> = job
             .requests
-            .iter()
+            .into_iter()
             .map(|(head, request)| {
-                let status = execute_sync(request, &job.ctx, &job.mem);
-                request.finish(*head, &job.mem, status)
+                let status = execute_sync(&request, &job.ctx, &job.mem);
+                request.finish(head, &job.mem, status)
             })
             .collect();
         job.done.push(finished);

@@ -47,6 +47,10 @@ pub struct QueueWorker {
     /// The chain being parsed: reused, so that taking a chain allocates nothing.
     scratch: ChainBuffers,
     completions: Vec<Completion>,
+    /// The longest chain accepted: what the config space's `seg_max` allows (the device's
+    /// largest queue size), also when the frontend set up a smaller ring (QEMU's default is
+    /// 128): a driver follows `seg_max`, and an indirect table is not bounded by the ring.
+    max_chain: usize,
 }
 
 impl QueueWorker {
@@ -70,6 +74,7 @@ impl QueueWorker {
             resubmit: Vec::new(),
             scratch: ChainBuffers::default(),
             completions: Vec::with_capacity(usize::from(queue_size)),
+            max_chain: usize::from(queue_size),
         }
     }
 
@@ -176,7 +181,7 @@ impl QueueWorker {
             ring.hooks_mut().taken(head);
             self.start(ring, head, parsed.as_ref(), mem);
         }
-        let max_descriptors = usize::from(ring.size()).max(1);
+        let max_descriptors = usize::from(ring.size()).max(self.max_chain).max(1);
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(chain) = ring.try_pop(mem) {
             taken += 1;
@@ -270,6 +275,12 @@ impl QueueWorker {
             return;
         }
         for done in self.completions.drain(..) {
+            // In the migration log before the driver can see the chain: the kernel, an io_uring
+            // or a copy thread wrote the data where vm-memory could not mark it, and marking
+            // in the memory we publish with also covers a table that changed meanwhile.
+            for (addr, len) in done.written.ranges() {
+                ring.wrote(mem, addr, len);
+            }
             ring.push_used(done.head, done.used_len);
         }
         ring.complete(mem);
@@ -427,6 +438,28 @@ mod tests {
         run_until_used(&mut f, 16);
         for i in 0..16 {
             assert_eq!(f.queue.used(i).1, 4097);
+        }
+    }
+
+    #[test]
+    fn completed_requests_are_marked_in_the_migration_log_before_they_are_used() {
+        use vhost_user_common::testing::{TestLog, LOG_PAGE};
+        for kind in [EngineKind::Sync, EngineKind::IoUring] {
+            let mut f = fixture(kind, true);
+            let (_, data, status) = request(&mut f, 0, VIRTIO_BLK_T_IN, 0, 8192);
+            // After the driver's own writes: only the device's are of interest.
+            let log = TestLog::attach(&f.queue.memory());
+            run_until_used(&mut f, 1);
+            let header = BUFFERS / LOG_PAGE;
+            let expected = vec![
+                0x8, // the used ring
+                data / LOG_PAGE,
+                data / LOG_PAGE + 1,
+                status / LOG_PAGE,
+            ];
+            let marked = log.dirty_pages();
+            assert_eq!(marked, expected, "{kind:?}");
+            assert!(!marked.contains(&header));
         }
     }
 }

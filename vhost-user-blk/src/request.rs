@@ -119,16 +119,39 @@ impl Rejection {
 }
 
 /// A chain the device is done with, ready for the used ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
     pub head: u16,
     pub used_len: u32,
+    /// The guest memory the device wrote for it, to mark in the migration log before the
+    /// chain is published (`QueueWorker::complete`).
+    pub written: Written,
+}
+
+/// What a request wrote into guest memory: the data of a read or GET_ID (by the kernel, an
+/// io_uring, a copy thread or a bounce-buffer copy) and the status byte.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    pub data: Vec<Segment>,
+    pub status: Option<GuestAddress>,
+}
+
+impl Written {
+    /// Every written range, as (address, length).
+    pub fn ranges(&self) -> impl Iterator<Item = (GuestAddress, u64)> + '_ {
+        let data = self.data.iter().map(|seg| (seg.addr, u64::from(seg.len)));
+        data.chain(self.status.map(|at| (at, 1)))
+    }
 }
 
 impl Completion {
     /// A chain returned unanswered: it had no status byte to write.
     pub fn unanswered(head: u16) -> Completion {
-        Completion { head, used_len: 0 }
+        Completion {
+            head,
+            used_len: 0,
+            written: Written::default(),
+        }
     }
 }
 
@@ -142,11 +165,22 @@ fn write_status(mem: &GuestMemory, at: GuestAddress, status: u8) {
 
 impl Request {
     /// Writes `status` for the request in chain `head`: the one place a request is answered.
-    pub fn finish(&self, head: u16, mem: &GuestMemory, status: u8) -> Completion {
+    /// Call it once the request's data is in guest memory: the completion says what was
+    /// written.
+    pub fn finish(self, head: u16, mem: &GuestMemory, status: u8) -> Completion {
         write_status(mem, self.status, status);
+        let used_len = self.used_len();
+        let data = match self.op {
+            Operation::Read { data, .. } | Operation::GetId { data, .. } => data,
+            _ => Vec::new(),
+        };
         Completion {
             head,
-            used_len: self.used_len(),
+            used_len,
+            written: Written {
+                data,
+                status: Some(self.status),
+            },
         }
     }
 }
@@ -157,7 +191,14 @@ impl Rejection {
         match self.status {
             Some((at, status)) => {
                 write_status(mem, at, status);
-                Completion { head, used_len: 1 }
+                Completion {
+                    head,
+                    used_len: 1,
+                    written: Written {
+                        data: Vec::new(),
+                        status: Some(at),
+                    },
+                }
             }
             None => Completion::unanswered(head),
         }

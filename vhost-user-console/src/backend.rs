@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::device::{
+    read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
+};
 use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -61,6 +63,9 @@ impl ConsoleBackend {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty-page logging (with LOG_SHMFD below): a frontend that can migrate the
+            // device gets every write into guest memory logged, as vm-memory marks them.
+            | MIGRATION_FEATURES
             | control::VIRTIO_CONSOLE_F_MULTIPORT
             | control::VIRTIO_CONSOLE_F_EMERG_WRITE;
         if pty_console {
@@ -127,6 +132,11 @@ impl VhostUserBackend for ConsoleBackend {
             // the library disables the rings, clears the features and calls reset_device().
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Everything the pump writes into guest memory (receive data, control messages,
+            // used entries) goes through vm-memory's accessors, which mark the dirty log once
+            // SET_LOG_BASE has mapped it. QEMU's generic vhost-user device, the only one that
+            // attaches a console, is not migratable anyway (README, "Live migration").
+            | MIGRATION_PROTOCOL_FEATURES
     }
 
     fn reset_device(&self) {

@@ -14,7 +14,10 @@ use vhost_user_common::Vring;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vhost_user_common::device::{read_config, DeviceEvents};
+use vhost_user_common::device::{
+    read_config, DeviceEvents, MIGRATION_FEATURES, MIGRATION_PROTOCOL_FEATURES,
+};
+use vhost_user_common::ratelimit::RateLimit;
 use vhost_user_common::ring::Ring;
 use vhost_user_common::{lock, DaemonBackend, GuestMemoryAtomic};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -23,6 +26,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{ByteValued, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::announce::rarp_frame;
 use crate::args::Config;
 use crate::queue_pair::{Framing, QueuePair, TapInterest, Wake};
 use crate::stats::Stats;
@@ -61,6 +65,26 @@ pub const FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_MRG_RXBUF)
     | bit(VIRTIO_NET_F_STATUS)
     | bit(VIRTIO_NET_F_MQ);
+
+/// The protocol features we offer.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot); the
+        // library disables the rings, clears the features and calls reset_device().
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        // Live migration: SET_LOG_BASE maps QEMU's dirty log, and every write into guest
+        // memory goes through vm-memory, which marks it (see `NetBackend`). QEMU refuses to
+        // migrate without this and VHOST_F_LOG_ALL.
+        | MIGRATION_PROTOCOL_FEATURES
+        // After a migration QEMU asks us to announce the guest (SEND_RARP), since we do not
+        // offer VIRTIO_NET_F_GUEST_ANNOUNCE: see `crate::announce`.
+        | VhostUserProtocolFeatures::RARP
+    // No CONFIGURE_MEM_SLOTS: QEMU (7.2 to 8.x) drives a multiqueue net device as one
+    // vhost_dev per queue pair and sends every ADD_MEM_REG (and REM_MEM_REG) once per pair,
+    // which the library refuses as overlapping regions. SET_MEM_TABLE is idempotent.
+}
 
 /// `struct virtio_net_config`, viewable as the bytes of the config space.
 #[derive(Clone, Copy, Default)]
@@ -105,6 +129,13 @@ struct Pair {
 
 /// The vhost-user-net backend for one frontend connection. The serve loop shares it with the
 /// worker threads as an `Arc`.
+///
+/// Live migration: everything the device writes into guest memory (frames and their
+/// virtio-net headers with `num_buffers` in receive buffers, used entries, `avail_event`) goes
+/// through vm-memory's accessors on memory whose regions carry the dirty-page log
+/// ([`vhost_user_common::DirtyBitmap`]), so it is marked before the used index that hands it to
+/// the guest moves; the tap's frames are copied in from the pair's own buffer, never read into
+/// guest memory directly. `tests/tests/migration_net.rs` checks the pages.
 pub struct NetBackend {
     config: Config,
     tap: Arc<Tap>,
@@ -114,6 +145,8 @@ pub struct NetBackend {
     events: DeviceEvents,
     acked: AtomicU64,
     space: Vec<u8>,
+    /// SEND_RARP comes from the frontend, as often as it likes.
+    announce_log: RateLimit,
 }
 
 impl Drop for NetBackend {
@@ -154,6 +187,47 @@ impl NetBackend {
             events,
             acked: AtomicU64::new(0),
             space,
+            announce_log: RateLimit::default(),
+        }
+    }
+
+    /// Puts a RARP broadcast from `mac` on the tap ([`crate::announce`]) through pair 0's tap
+    /// queue. A queue the guest has not enabled yet is detached, and the kernel refuses writes
+    /// to a detached queue (EBADFD): it is attached for the write and detached again after
+    /// (QEMU sends SEND_RARP before it starts the rings on the destination).
+    fn announce(&self, mac: [u8; 6]) {
+        let (Some(pair), Some(queue)) = (self.pairs.first(), self.tap.queues.first()) else {
+            return;
+        };
+        let frame = rarp_frame(mac);
+        let hdr = [0u8; crate::VNET_HDR_LEN];
+        let hdr_len = self.tap.vnet_hdr_len().min(hdr.len());
+        let iovecs = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        let mut pair = lock(pair);
+        let was_attached = pair.attached;
+        self.set_attached(0, &mut pair.attached, true);
+        // SAFETY: both iovecs describe local buffers that live until the call returns.
+        let written = unsafe { queue.write_frame(&iovecs) };
+        self.set_attached(0, &mut pair.attached, was_attached);
+        let mac = format_mac(mac);
+        match written {
+            Ok(_) if self.announce_log.allow() => {
+                log::info!("{}: announced {mac} (RARP broadcast)", self.tap.name)
+            }
+            Ok(_) => {}
+            Err(e) => self.stats.warn(format_args!(
+                "{}: cannot announce {mac}: {e}",
+                self.tap.name
+            )),
         }
     }
 
@@ -262,6 +336,14 @@ impl NetBackend {
     }
 }
 
+/// `52:54:00:12:34:56`.
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The epoll events for `interest`.
 fn event_set(interest: TapInterest) -> EventSet {
     let mut set = EventSet::empty();
@@ -287,7 +369,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | MIGRATION_FEATURES
     }
 
     fn acked_features(&self, features: u64) {
@@ -308,15 +390,14 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            // QEMU >= 8.2 then sends RESET_DEVICE on a virtio reset (driver unbind, reboot);
-            // the library disables the rings, clears the features and calls reset_device().
-            | VhostUserProtocolFeatures::RESET_DEVICE
-        // No CONFIGURE_MEM_SLOTS: QEMU (7.2 to 8.x) drives a multiqueue net device as one
-        // vhost_dev per queue pair and sends every ADD_MEM_REG (and REM_MEM_REG) once per pair,
-        // which the library refuses as overlapping regions. SET_MEM_TABLE is idempotent.
+        protocol_features()
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+        // Best effort, as QEMU's own announcement: a failure is logged, not fatal to the
+        // connection (an error here would end it).
+        self.announce(mac);
+        Ok(())
     }
 
     fn reset_device(&self) {
@@ -423,6 +504,15 @@ mod tests {
     fn no_control_queue_is_offered() {
         assert_eq!(FEATURES & bit(VIRTIO_NET_F_CTRL_VQ), 0);
         assert_ne!(FEATURES & bit(VIRTIO_NET_F_MQ), 0);
+    }
+
+    #[test]
+    fn migration_is_offered_with_rarp_not_guest_announce() {
+        let p = protocol_features();
+        assert!(p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        assert!(p.contains(VhostUserProtocolFeatures::RARP));
+        // With GUEST_ANNOUNCE acked, QEMU would never send SEND_RARP.
+        assert_eq!(FEATURES & bit(VIRTIO_NET_F_GUEST_ANNOUNCE), 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (tap readable: read a frame, gather receive chains and copy it in with [`rx`], publish).
 //! [`backend`] is the vhost-user glue: features, config space, memory, event dispatch.
 
+pub mod announce;
 pub mod args;
 pub mod backend;
 pub mod queue_pair;

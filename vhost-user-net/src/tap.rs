@@ -9,6 +9,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
@@ -262,6 +263,8 @@ pub struct Tap {
     pub name: String,
     pub queues: Vec<TapQueue>,
     pub multi_queue: bool,
+    /// The virtio-net header length last set with TUNSETVNETHDRSZ (it outlives a session).
+    vnet_hdr_len: AtomicUsize,
 }
 
 impl Tap {
@@ -287,6 +290,7 @@ impl Tap {
             name: name.to_string(),
             queues,
             multi_queue,
+            vnet_hdr_len: AtomicUsize::new(0),
         };
         tap.set_vnet_hdr_len(crate::VNET_HDR_LEN)?;
         Ok(tap)
@@ -304,7 +308,14 @@ impl Tap {
         let mut len = len as libc::c_int;
         let fd = self.first_fd()?;
         // SAFETY: TUNSETVNETHDRSZ reads one int, which `len` is.
-        unsafe { ioctl_ptr(fd, libc::TUNSETVNETHDRSZ as libc::c_ulong, &mut len) }
+        unsafe { ioctl_ptr(fd, libc::TUNSETVNETHDRSZ as libc::c_ulong, &mut len)? };
+        self.vnet_hdr_len.store(len as usize, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The length of the virtio-net header the tap expects before each frame.
+    pub fn vnet_hdr_len(&self) -> usize {
+        self.vnet_hdr_len.load(Ordering::Relaxed)
     }
 
     /// TUNSETOFFLOAD. Kernels that dropped UFO refuse the flag: retry without it.

@@ -47,6 +47,20 @@ pub fn description(daemon: &Daemon, about: &str) -> String {
                  `--serial`, or by default an identity derived from the backing file's device \
                  and inode, which stays the same across restarts.",
             )
+            .para(
+                "`--format` says what the file holds: `raw` (the default: its bytes are the \
+                 disk's) or `qcow2`. The format is never guessed: a guest can write a qcow2 \
+                 header into a raw disk and name any host file as its backing file. A qcow2 \
+                 image's backing chain is opened read-only at start-up, relative backing names \
+                 resolved against the directory of the image that names them, as QEMU does; \
+                 `--backing` names another backing file and `--backing-format` its format (a \
+                 backing file's format must be recorded in the image or given). The disk's \
+                 size is the image's virtual size. A flush writes the image's cached metadata \
+                 back, then syncs. Discard and write-zeroes make zero clusters (the host \
+                 blocks under whole clusters are punched). Encrypted images, external data \
+                 files, extended L2 entries, zstd compression and images marked dirty or \
+                 corrupt are refused at start-up.",
+            )
             .para(SHARED_MEMORY);
         }
         "net" => {
@@ -269,6 +283,16 @@ fn examples(roff: &mut Roff, daemon: &Daemon) {
                 "vhost-user-blk --socket-path /run/vub1.sock \\",
                 "    --socket-group kvm --socket-mode 0660 \\",
                 "    --file /dev/nvme0n1p3 --readonly --direct --num-queues 4",
+            ])
+            .para(
+                "A qcow2 overlay on a shared base image: the guest's writes go to `vm1.qcow2`, \
+                 the base is only read:",
+            )
+            .example(&[
+                "cd /var/lib/vhost-user",
+                "qemu-img create -f qcow2 -b base.qcow2 -F qcow2 vm1.qcow2",
+                "vhost-user-blk --socket-path /run/vub2.sock \\",
+                "    --file /var/lib/vhost-user/vm1.qcow2 --format qcow2",
             ])
             .para("The same disk as a systemd instance `vm1`:")
             .example(&[

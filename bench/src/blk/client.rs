@@ -12,6 +12,14 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use super::measure::{Rng, Workload};
 use crate::report::{Latencies, Result};
 
+/// What the disk a daemon serves holds, for [`Client::spot_check`].
+pub(super) enum Expect<'a> {
+    /// The served file is the disk.
+    Raw(&'a File),
+    /// A qcow2 image holding this raw file's bytes (`Some`), or zeroes.
+    Image(Option<&'a File>),
+}
+
 /// How long a driver thread waits for a completion before declaring the backend stuck.
 const STUCK: Duration = Duration::from_secs(10);
 /// Buffer space per queue in the frontend's memory region: enough for the largest QD × size.
@@ -70,9 +78,9 @@ impl Client {
         };
     }
 
-    /// Reads through the daemon must return the file's bytes; a write through it must land in
-    /// the file and read back.
-    pub(super) fn spot_check(&mut self, file: &File, size: u64, rng: &mut Rng) -> Result<()> {
+    /// Reads through the daemon must return the disk's bytes (`expect`); a write through it
+    /// must read back, and land in the file when the file is the disk.
+    pub(super) fn spot_check(&mut self, expect: &Expect, size: u64, rng: &mut Rng) -> Result<()> {
         const LEN: usize = 4096;
         let mut expected = vec![0u8; LEN];
         for _ in 0..8 {
@@ -80,15 +88,22 @@ impl Client {
             let ptr = self.buf(0, LEN);
             self.queues[0].read(offset, ptr, LEN, 0, ReqFlags::empty());
             wait_one(&mut self.queues[0])?;
-            file.read_exact_at(&mut expected, offset)?;
+            match expect {
+                Expect::Raw(file) | Expect::Image(Some(file)) => {
+                    file.read_exact_at(&mut expected, offset)?
+                }
+                Expect::Image(None) => expected.fill(0),
+            }
             if self.copy_out(0, LEN) != expected {
-                return Err(format!("read at {offset} returned other data than the file's").into());
+                return Err(format!("read at {offset} returned other data than the disk's").into());
             }
         }
         let offset = self.round_trip(size, rng)?;
-        file.read_exact_at(&mut expected, offset)?;
-        if self.copy_out(LEN, LEN) != expected {
-            return Err(format!("a write at {offset} did not reach the file").into());
+        if let Expect::Raw(file) = expect {
+            file.read_exact_at(&mut expected, offset)?;
+            if self.copy_out(LEN, LEN) != expected {
+                return Err(format!("a write at {offset} did not reach the file").into());
+            }
         }
         // Leave the region's fill as it was: later writes put non-zero data in the file.
         self.copy_in(0, &[0x5a; 2 * LEN]);

@@ -125,6 +125,14 @@ impl BackingFile {
             .tempfile_in(dir)
             .map_err(|e| format!("creating a file in {}: {e}", dir.display()))?;
         let (mut file, path) = temp.into_parts();
+        if size == 0 {
+            // Nothing to fill: the caller only wants the file (an empty qcow2 image's source).
+            return Ok(BackingFile {
+                file,
+                size,
+                _temp: path,
+            });
+        }
         const CHUNK: usize = 1 << 20;
         let mut rng = Rng::new(0xb10c);
         let base: Vec<u8> = (0..CHUNK / 8)

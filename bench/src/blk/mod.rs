@@ -39,8 +39,15 @@
 //!   random blocks, and a block written through it must be in the file and read back intact. A
 //!   request error, a missing completion or a daemon that exits fails the run.
 //!
+//! - **qcow2** (`--backing qcow2-full,qcow2-empty`): the 4 KiB random cases on a qcow2 image in
+//!   `--disk-dir` (O_DIRECT), ours (`--format qcow2`) against qsd's qcow2 driver on a file node
+//!   (`--blockdev driver=qcow2`). *full*: every cluster allocated (`qemu-img convert` of the
+//!   filled file); *empty*: a new image, so reads hit unallocated clusters and writes allocate
+//!   (the cases run in the order read, then write). Each subject serves its own copy, made the
+//!   same way; fio is left out (it would read the qcow2 file's bytes, not the disk's).
+//!
 //! `--quick` (CI): 256 MiB files, 1 s per case, both queue counts on tmpfs and only the smallest on
-//! disk.
+//! disk; on qcow2 64 MiB images, the smallest queue count and the QD 32 cases.
 
 mod client;
 mod measure;
@@ -51,7 +58,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use client::Client;
+use client::{Client, Expect};
 use measure::{BackingFile, Rng, Workload, WORKLOADS};
 use peer::{program_version, run_fio, Backend, QsdAio, QsdConfig, Toggle};
 
@@ -71,6 +78,11 @@ pub enum Backing {
     Shm,
     /// A file in --disk-dir, O_DIRECT for every subject.
     Disk,
+    /// A qcow2 image in --disk-dir with every cluster allocated, O_DIRECT.
+    Qcow2Full,
+    /// A new (empty) qcow2 image in --disk-dir, O_DIRECT: reads of unallocated clusters,
+    /// writes that allocate.
+    Qcow2Empty,
     /// An RBD image on a throwaway Ceph cluster (ours and qemu-storage-daemon only).
     Rbd,
 }
@@ -80,12 +92,18 @@ impl Backing {
         match self {
             Backing::Shm => "shm",
             Backing::Disk => "disk",
+            Backing::Qcow2Full => "qcow2-full",
+            Backing::Qcow2Empty => "qcow2-empty",
             Backing::Rbd => "rbd",
         }
     }
 
     fn direct(self) -> bool {
-        self == Backing::Disk
+        self != Backing::Shm
+    }
+
+    fn qcow2(self) -> bool {
+        matches!(self, Backing::Qcow2Full | Backing::Qcow2Empty)
     }
 }
 
@@ -109,7 +127,7 @@ pub struct BlkArgs {
 
     /// Backing files to measure, comma separated.
     #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_enum,
-          default_values_t = [Backing::Shm, Backing::Disk, Backing::Rbd])]
+          default_values_t = [Backing::Shm, Backing::Disk, Backing::Qcow2Full, Backing::Qcow2Empty, Backing::Rbd])]
     pub backing: Vec<Backing>,
 
     /// Directory of the disk backing file.
@@ -145,7 +163,13 @@ impl Default for BlkArgs {
     fn default() -> Self {
         BlkArgs {
             queues: vec![1, 2],
-            backing: vec![Backing::Shm, Backing::Disk, Backing::Rbd],
+            backing: vec![
+                Backing::Shm,
+                Backing::Disk,
+                Backing::Qcow2Full,
+                Backing::Qcow2Empty,
+                Backing::Rbd,
+            ],
             disk_dir: PathBuf::from("/var/tmp"),
             subjects: vec![Subject::Ours, Subject::Qsd, Subject::Fio],
             qsd_aio: Vec::new(),
@@ -191,13 +215,22 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
         }
         let mut queue_counts: Vec<u16> = args.queues.iter().copied().filter(|&q| q > 0).collect();
         queue_counts.dedup();
-        if opts.quick && backing == Backing::Disk {
+        if opts.quick && backing != Backing::Shm {
             queue_counts.sort_unstable();
             queue_counts.truncate(1);
+        }
+        let mut subjects = subjects.clone();
+        if backing.qcow2() {
+            if let Err(e) = vhost_user_tests::qemu_img::path() {
+                eprintln!("blk: {e}; skipping the qcow2 cases");
+                continue;
+            }
+            subjects.retain(|s| *s != Subject::Fio);
         }
         let cases: Vec<(u16, Workload)> = queue_counts
             .iter()
             .flat_map(|&q| WORKLOADS.iter().map(move |w| (q, *w)))
+            .filter(|(_, w)| !backing.qcow2() || (!w.sequential && (!opts.quick || w.depth > 1)))
             .filter(|(q, w)| opts.selected(&case_name(w, *q, backing)))
             .collect();
         if cases.is_empty() {
@@ -205,35 +238,63 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
         }
         let qsd = QsdConfig::list(args, backing);
         let title = format!(
-            "blk on {}: {OURS}{} vs {qsd_version} ({}) vs fio io_uring on the host; \
+            "blk on {}: {OURS}{} vs {qsd_version} ({}){}; \
              blkio virtio-blk-vhost-user driver, one thread per queue, QD per queue, {} s per case",
             match backing {
                 Backing::Shm => "/dev/shm (tmpfs, buffered)".to_string(),
-                Backing::Disk | Backing::Rbd => {
-                    format!("{} (O_DIRECT)", args.disk_dir.display())
-                }
+                Backing::Disk | Backing::Rbd => format!("{} (O_DIRECT)", args.disk_dir.display()),
+                Backing::Qcow2Full => format!(
+                    "a fully allocated qcow2 image in {} (O_DIRECT)",
+                    args.disk_dir.display()
+                ),
+                Backing::Qcow2Empty => format!(
+                    "an empty qcow2 image in {} (O_DIRECT)",
+                    args.disk_dir.display()
+                ),
             },
-            if backing.direct() { " --direct" } else { "" },
+            match (backing.direct(), backing.qcow2()) {
+                (_, true) => " --format qcow2 --direct",
+                (true, false) => " --direct",
+                (false, false) => "",
+            },
             qsd.iter()
-                .map(QsdConfig::describe)
+                .map(|q| q.describe(backing.qcow2()))
                 .collect::<Vec<_>>()
                 .join(" / "),
+            if subjects.contains(&Subject::Fio) {
+                " vs fio io_uring on the host"
+            } else {
+                ""
+            },
             opts.case_duration().as_secs_f64(),
         );
         let mut table = Table::new(&title, OURS);
         eprintln!("{title}");
         let dir = match backing {
             Backing::Shm => PathBuf::from("/dev/shm"),
-            Backing::Disk | Backing::Rbd => args.disk_dir.clone(),
+            _ => args.disk_dir.clone(),
         };
         let t = Instant::now();
-        let image = BackingFile::create(&dir, size)?;
+        // qcow2 in the short mode: a quarter of the size (making the images is the slow part);
+        // an empty image needs no filled source.
+        let size = match backing {
+            Backing::Qcow2Full | Backing::Qcow2Empty if opts.quick => size / 4,
+            _ => size,
+        };
+        let fill = if backing == Backing::Qcow2Empty {
+            0
+        } else {
+            size
+        };
+        let mut image = BackingFile::create(&dir, fill)?;
+        image.size = size;
         eprintln!(
             "  {} MiB backing file {} written in {:.1} s",
-            size >> 20,
+            fill >> 20,
             image.path().display(),
             t.elapsed().as_secs_f64()
         );
+        let target = Target::new(&image, backing, &dir)?;
         for &queues in &queue_counts {
             let group: Vec<Workload> = cases
                 .iter()
@@ -244,7 +305,8 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
                 continue;
             }
             run_group(
-                opts, args, &subjects, &ours_bin, &qsd, &image, backing, queues, &group, &mut table,
+                opts, args, &subjects, &ours_bin, &qsd, &target, backing, queues, &group,
+                &mut table,
             )?;
         }
         table.print();
@@ -316,12 +378,13 @@ fn run_group(
     subjects: &[Subject],
     ours_bin: &Path,
     qsd: &[QsdConfig],
-    image: &BackingFile,
+    target: &Target,
     backing: Backing,
     queues: u16,
     workloads: &[Workload],
     table: &mut Table,
 ) -> Result<()> {
+    let image = target.source;
     let mut rng = Rng::new(0x5eed ^ u64::from(queues));
     let mut served: Vec<(Backend, Client)> = Vec::new();
     let mut backends = Vec::new();
@@ -346,11 +409,14 @@ fn run_group(
                     let mut command = Command::new(bin);
                     command
                         .arg("--file")
-                        .arg(image.path())
+                        .arg(target.image_for(backends.len())?)
                         .arg("--num-queues")
                         .arg(queues.to_string());
                     if backing.direct() {
                         command.arg("--direct");
+                    }
+                    if backing.qcow2() {
+                        command.args(["--format", "qcow2"]);
                     }
                     if let Some(extra) = &extra {
                         command.args(extra.split_whitespace());
@@ -365,10 +431,11 @@ fn run_group(
                     let name = if qsd.len() == 1 {
                         PEER.to_string()
                     } else {
-                        format!("{PEER} {}", config.describe())
+                        format!("{PEER} {}", config.describe(backing.qcow2()))
                     };
+                    let file = target.image_for(backends.len())?;
                     backends.push(Backend::start(name, Command::new(PEER), |c, socket| {
-                        config.args(c, image.path(), socket, queues);
+                        config.args(c, &file, backing.qcow2(), socket, queues);
                     })?);
                 }
             }
@@ -379,7 +446,7 @@ fn run_group(
         let mut client = Client::connect(&backend.daemon.socket, queues)
             .map_err(|e| format!("{}: connecting: {e}{}", backend.name, backend.log_tail()))?;
         client
-            .spot_check(&image.file, image.size, &mut rng)
+            .spot_check(&target.expect(), image.size, &mut rng)
             .map_err(|e| format!("{}: correctness check: {e}", backend.name))?;
         served.push((backend, client));
     }
@@ -433,6 +500,65 @@ fn run_group(
         drop(backend);
     }
     Ok(())
+}
+
+/// What the daemons of one table serve: the filled raw file itself, or each its own qcow2 image
+/// made from it (or empty), so that no two daemons share an image's metadata.
+struct Target<'a> {
+    source: &'a BackingFile,
+    backing: Backing,
+    /// Where the qcow2 copies are made (removed with it).
+    copies: Option<tempfile::TempDir>,
+}
+
+impl<'a> Target<'a> {
+    fn new(source: &'a BackingFile, backing: Backing, dir: &Path) -> Result<Target<'a>> {
+        let copies = if backing.qcow2() {
+            Some(
+                tempfile::Builder::new()
+                    .prefix("vhost-user-bench-qcow2-")
+                    .tempdir_in(dir)?,
+            )
+        } else {
+            None
+        };
+        Ok(Target {
+            source,
+            backing,
+            copies,
+        })
+    }
+
+    /// The file the `index`th daemon of a group serves: a new qcow2 image for each.
+    fn image_for(&self, index: usize) -> Result<PathBuf> {
+        use vhost_user_tests::qemu_img;
+        let Some(dir) = &self.copies else {
+            return Ok(self.source.path().to_path_buf());
+        };
+        let image = dir.path().join(format!("{index}.qcow2"));
+        let _ = std::fs::remove_file(&image);
+        let t = Instant::now();
+        if self.backing == Backing::Qcow2Full {
+            qemu_img::convert_to_qcow2(self.source.path(), &image, false)?;
+        } else {
+            qemu_img::create(&image, self.source.size, "")?;
+        }
+        eprintln!(
+            "  qcow2 image {} made in {:.1} s",
+            image.display(),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(image)
+    }
+
+    /// What reads must return.
+    fn expect(&self) -> Expect<'a> {
+        match self.backing {
+            Backing::Qcow2Full => Expect::Image(Some(&self.source.file)),
+            Backing::Qcow2Empty => Expect::Image(None),
+            Backing::Shm | Backing::Disk | Backing::Rbd => Expect::Raw(&self.source.file),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,8 +36,11 @@ impl QsdAio {
     pub(super) fn best_for(backing: Backing) -> QsdAio {
         match backing {
             Backing::Shm => QsdAio::IoUring,
-            // (RBD has no aio: qsd's rbd driver is librbd's own asynchronous API.)
-            Backing::Disk | Backing::Rbd => QsdAio::Native,
+            // qcow2 images are on the same disk, opened O_DIRECT too. (RBD has no aio: qsd's
+            // rbd driver is librbd's own asynchronous API.)
+            Backing::Disk | Backing::Qcow2Full | Backing::Qcow2Empty | Backing::Rbd => {
+                QsdAio::Native
+            }
         }
     }
 }
@@ -126,24 +129,42 @@ impl QsdConfig {
             .collect()
     }
 
-    pub(super) fn describe(&self) -> String {
+    pub(super) fn describe(&self, qcow2: bool) -> String {
         format!(
-            "aio={}, cache.direct={}{}",
+            "{}aio={}, cache.direct={}{}",
+            if qcow2 { "driver=qcow2, " } else { "" },
             self.aio.name(),
             if self.direct { "on" } else { "off" },
             if self.iothread { ", iothread" } else { "" }
         )
     }
 
-    pub(super) fn args(&self, c: &mut Command, image: &Path, socket: &Path, queues: u16) {
+    /// Arguments exporting `image`: the file node itself, or with `qcow2` a qcow2 node on it.
+    pub(super) fn args(
+        &self,
+        c: &mut Command,
+        image: &Path,
+        qcow2: bool,
+        socket: &Path,
+        queues: u16,
+    ) {
         c.arg("--blockdev").arg(format!(
             "driver=file,node-name=f,filename={},cache.direct={},aio={}",
             image.display(),
             if self.direct { "on" } else { "off" },
             self.aio.name()
         ));
+        let node = if qcow2 {
+            c.arg("--blockdev").arg(format!(
+                "driver=qcow2,node-name=q,file=f,cache.direct={}",
+                if self.direct { "on" } else { "off" }
+            ));
+            "q"
+        } else {
+            "f"
+        };
         let mut export = format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,\
+            "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable=on,\
              num-queues={queues}",
             socket.display()
         );

@@ -219,6 +219,17 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support inflight I/O tracking",
         ))
     }
+
+    /// Broadcast a fake RARP for `mac` (`VHOST_USER_SEND_RARP`, protocol feature `RARP`): the
+    /// frontend asks for it when a migration has completed and the guest cannot announce
+    /// itself (it did not negotiate `VIRTIO_NET_F_GUEST_ANNOUNCE`), so that switches learn the
+    /// guest's new location. A net backend that offers `RARP` must implement this.
+    fn send_rarp(&self, _mac: [u8; 6]) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support sending a RARP",
+        ))
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -400,6 +411,17 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support inflight I/O tracking",
         ))
     }
+
+    /// Broadcast a fake RARP for `mac` (`VHOST_USER_SEND_RARP`, protocol feature `RARP`): the
+    /// frontend asks for it when a migration has completed and the guest cannot announce
+    /// itself (it did not negotiate `VIRTIO_NET_F_GUEST_ANNOUNCE`), so that switches learn the
+    /// guest's new location. A net backend that offers `RARP` must implement this.
+    fn send_rarp(&mut self, _mac: [u8; 6]) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support sending a RARP",
+        ))
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -504,6 +526,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
         self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
+        self.deref().send_rarp(mac)
     }
 }
 
@@ -613,6 +639,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
         self.lock().unwrap().set_inflight_fd(inflight, file)
     }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
+        self.lock().unwrap().send_rarp(mac)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -720,6 +750,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
         self.write().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
+        self.write().unwrap().send_rarp(mac)
     }
 }
 

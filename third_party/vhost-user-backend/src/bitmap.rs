@@ -23,6 +23,9 @@ pub trait BitmapReplace: Bitmap {
 
     /// Replace the internal `Bitmap`
     fn replace(&self, bitmap: Self::InnerBitmap);
+
+    /// Drop the internal `Bitmap`: writes are no longer logged.
+    fn clear(&self);
 }
 
 /// A bitmap relative to a memory region
@@ -42,6 +45,8 @@ impl BitmapReplace for () {
     fn replace(&self, _bitmap: ()) {
         panic!("The unit bitmap () must not be used if VHOST_USER_PROTOCOL_F_LOG_SHMFD is set");
     }
+
+    fn clear(&self) {}
 }
 
 impl MemRegionBitmap for () {
@@ -101,6 +106,11 @@ impl BitmapReplace for BitmapMmapRegion {
     fn replace(&self, bitmap: AtomicBitmapMmap) {
         let mut inner = self.inner.write().unwrap();
         inner.replace(bitmap);
+    }
+
+    fn clear(&self) {
+        let mut inner = self.inner.write().unwrap();
+        inner.take();
     }
 }
 
@@ -229,13 +239,34 @@ impl MmapLogReg {
     // Note: The specification does not define whether the offset must be page-aligned or not.
     // But, since we are receiving the offset from the frontend to be used to call mmap,
     // we assume it is properly aligned (currently, qemu always send a 0 offset).
-    pub(crate) fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
+    /// Maps `len` bytes of the log at `offset` in `fd`, as `VHOST_USER_SET_LOG_BASE` does:
+    /// public so that backends can test their dirty-page logging without a frontend.
+    pub fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
         let offset: isize = offset.io_try_into()?;
         let len: usize = len.io_try_into()?;
 
         // Let's uphold the safety contract for `std::ptr::offset()`.
         if len > isize::MAX as usize {
             return Err(io::Error::from(io::ErrorKind::InvalidData));
+        }
+
+        // mmap accepts a range past the end of the file, but the first page marked there
+        // raises SIGBUS and kills the backend: refuse a log that does not fit in its file.
+        // SAFETY: `stat` is plain old data (all-zero is valid) and fstat fills it.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a valid file descriptor and `stat` is valid for writes.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (offset as u64).checked_add(len as u64);
+        if end.map_or(true, |end| end > stat.st_size as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "dirty log of {len} bytes at offset {offset} does not fit in its {}-byte file",
+                    stat.st_size
+                ),
+            ));
         }
 
         // SAFETY: `fd` is a valid file descriptor and we are not using `libc::MAP_FIXED`.

@@ -103,6 +103,9 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     max_queue_size: usize,
     queues_per_thread: Vec<u64>,
     mappings: Vec<AddrMapping>,
+    // The dirty-page log of the last SET_LOG_BASE; writes are logged in it while the frontend
+    // has VHOST_F_LOG_ALL acked.
+    log: Option<Arc<MmapLogReg>>,
     atomic_mem: GM<T::Bitmap>,
     vrings: Vec<T::Vring>,
     #[cfg(feature = "postcopy")]
@@ -167,6 +170,7 @@ where
             max_queue_size,
             queues_per_thread,
             mappings: Vec::new(),
+            log: None,
             atomic_mem,
             vrings,
             #[cfg(feature = "postcopy")]
@@ -195,16 +199,6 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
         Err(VhostUserHandlerError::MissingMemoryMapping)
     }
 
-    // Publishes `mem` to the vrings only once the backend has accepted it. A table the backend
-    // rejects (say, a region past the end of its file: touching it raises SIGBUS) must never be
-    // visible to a worker thread; on error the old memory stays in use.
-    fn install_memory(&mut self, mem: GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
-        self.backend
-            .update_memory(GuestMemoryAtomic::new(mem.clone()))
-            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
-        self.atomic_mem.lock().unwrap().replace(mem);
-        Ok(())
-    }
 
     // Register a region mapped while postcopy is listening with userfaultfd.
     // This must happen before the region is visible to the vrings and the
@@ -242,6 +236,64 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
         .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
 
         Ok(())
+    }
+}
+
+impl<T: VhostUserBackend> VhostUserHandler<T>
+where
+    T::Bitmap: BitmapReplace,
+{
+    // Publishes `mem` to the vrings only once the backend has accepted it. A table the backend
+    // rejects (say, a region past the end of its file: touching it raises SIGBUS) must never be
+    // visible to a worker thread; on error the old memory stays in use.
+    fn install_memory(&mut self, mem: GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
+        // Regions added while the frontend logs are logged from the start. A log too small for
+        // them is resized by the frontend right after the new table (QEMU's vhost_commit).
+        if let Err(e) = self.update_log(&mem, self.log.as_ref()) {
+            warn!("the new memory regions are not logged until the frontend sends a larger log: {e}");
+        }
+        self.backend
+            .update_memory(GuestMemoryAtomic::new(mem.clone()))
+            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.atomic_mem.lock().unwrap().replace(mem);
+        Ok(())
+    }
+
+    // Attaches `log` to every region of `mem` while the frontend has VHOST_F_LOG_ALL acked,
+    // detaches any log otherwise: writes are logged exactly while the frontend asks for it
+    // (QEMU sets the log, then acks LOG_ALL; it clears LOG_ALL when the migration ends or fails).
+    // All or nothing: on error no region changes.
+    fn update_log(
+        &self,
+        mem: &GuestMemoryMmap<T::Bitmap>,
+        log: Option<&Arc<MmapLogReg>>,
+    ) -> io::Result<()> {
+        let logging = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        match log {
+            Some(log) if logging => {
+                let mut bitmaps = Vec::new();
+                for region in mem.iter() {
+                    let bitmap =
+                        <T::Bitmap as BitmapReplace>::InnerBitmap::new(region, Arc::clone(log))?;
+                    bitmaps.push((region, bitmap));
+                }
+                for (region, bitmap) in bitmaps {
+                    region.bitmap().replace(bitmap);
+                }
+            }
+            _ => {
+                for region in mem.iter() {
+                    region.bitmap().clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // The current memory logs as `acked_features` and the last SET_LOG_BASE say.
+    fn update_current_log(&self) -> VhostUserResult<()> {
+        self.update_log(&self.atomic_mem.memory(), self.log.as_ref())
+            .map_err(VhostUserError::ReqHandlerError)
     }
 }
 
@@ -330,7 +382,7 @@ where
         self.features_acked = false;
         self.acked_features = 0;
         self.acked_protocol_features = 0;
-        Ok(())
+        self.update_current_log()
     }
 
     fn reset_device(&mut self) -> VhostUserResult<()> {
@@ -343,6 +395,7 @@ where
         // Reset device state, retain protocol state
         self.features_acked = false;
         self.acked_features = 0;
+        self.update_current_log()?;
         self.backend.reset_device();
         Ok(())
     }
@@ -381,7 +434,8 @@ where
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(self.acked_features);
 
-        Ok(())
+        // Logging starts and stops with VHOST_F_LOG_ALL.
+        self.update_current_log()
     }
 
     fn set_mem_table(
@@ -699,6 +753,13 @@ where
             .map_err(VhostUserError::ReqHandlerError)
     }
 
+    fn send_rarp(&mut self, mac: [u8; 6]) -> VhostUserResult<()> {
+        // Only reached when the backend offers RARP (the request handler checks the feature).
+        self.backend
+            .send_rarp(mac)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
         Ok(MAX_MEM_SLOTS)
     }
@@ -899,33 +960,17 @@ where
     // the size and offset of shared memory area are provided in the `VhostUserLog` message.
     //
     // See https://qemu-project.gitlab.io/qemu/interop/vhost-user.html#migration.
-    // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
-    // dirty even if the migration fails. We need to disable the logging after receiving  a
-    // `SET_FEATURE` without the `LOG_ALL` flag.
+    // Pages are marked only while `VHOST_F_LOG_ALL` is acked (see `update_log`); the log also
+    // covers regions added later (`install_memory`).
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
-        let mem = self.atomic_mem.memory();
-
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
-
-        // Let's create all bitmaps first before replacing them, in case any of them fails
-        let mut bitmaps = Vec::new();
-        for region in mem.iter() {
-            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
-                region,
-                Arc::clone(&logmem),
-            )
+        // A log too small for the current memory is refused and the previous one stays.
+        self.update_log(&self.atomic_mem.memory(), Some(&logmem))
             .map_err(VhostUserError::ReqHandlerError)?;
-
-            bitmaps.push((region, bitmap));
-        }
-
-        for (region, bitmap) in bitmaps {
-            (*region).bitmap().replace(bitmap);
-        }
-
+        self.log = Some(logmem);
         Ok(())
     }
 }

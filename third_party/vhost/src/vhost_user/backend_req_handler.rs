@@ -68,6 +68,12 @@ pub trait VhostUserBackendReqHandler {
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_call(&self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_err(&self, index: u8, fd: Option<File>) -> Result<()>;
+    /// `VHOST_USER_SET_LOG_FD`: the eventfd the kernel's vhost signals after it logs dirty
+    /// pages. A frontend that reads the shared log (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`) has no
+    /// use for it; by default the descriptor is accepted and closed.
+    fn set_log_fd(&self, _file: File) -> Result<()> {
+        Ok(())
+    }
 
     fn get_protocol_features(&self) -> Result<VhostUserProtocolFeatures>;
     fn set_protocol_features(&self, features: u64) -> Result<()>;
@@ -105,6 +111,12 @@ pub trait VhostUserBackendReqHandler {
     #[cfg(feature = "postcopy")]
     fn postcopy_ack_mem_regions(&self) -> Result<()>;
     fn set_log_base(&self, log: &VhostUserLog, file: File) -> Result<()>;
+    /// Broadcast a fake RARP for the guest's MAC address (`VHOST_USER_SEND_RARP`), so that
+    /// switches learn where the guest is after a migration. Only sent when the backend offers
+    /// the `RARP` protocol feature.
+    fn send_rarp(&self, _mac: [u8; 6]) -> Result<()> {
+        Err(Error::InvalidOperation("not supported"))
+    }
 }
 
 /// Services provided to the frontend by the backend without interior mutability.
@@ -138,6 +150,10 @@ pub trait VhostUserBackendReqHandlerMut {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()>;
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()>;
+    /// See [`VhostUserBackendReqHandler::set_log_fd`].
+    fn set_log_fd(&mut self, _file: File) -> Result<()> {
+        Ok(())
+    }
 
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures>;
     fn set_protocol_features(&mut self, features: u64) -> Result<()>;
@@ -183,6 +199,9 @@ pub trait VhostUserBackendReqHandlerMut {
     #[cfg(feature = "postcopy")]
     fn postcopy_ack_mem_regions(&mut self) -> Result<()>;
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()>;
+    fn send_rarp(&mut self, _mac: [u8; 6]) -> Result<()> {
+        Err(Error::InvalidOperation("not supported"))
+    }
 }
 
 impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
@@ -253,6 +272,10 @@ impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
 
     fn set_vring_err(&self, index: u8, fd: Option<File>) -> Result<()> {
         self.lock().unwrap().set_vring_err(index, fd)
+    }
+
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.lock().unwrap().set_log_fd(file)
     }
 
     fn get_protocol_features(&self) -> Result<VhostUserProtocolFeatures> {
@@ -359,6 +382,10 @@ impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: File) -> Result<()> {
         self.lock().unwrap().set_log_base(log, file)
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
+        self.lock().unwrap().send_rarp(mac)
     }
 }
 
@@ -586,6 +613,12 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 self.check_request_size(&hdr, size, mem::size_of::<VhostUserU64>())?;
                 let (index, file) = self.handle_vring_fd_request(&buf, files)?;
                 let res = self.backend.set_vring_err(index, file);
+                self.send_ack_message(&hdr, res)?;
+            }
+            Ok(FrontendReq::SET_LOG_FD) => {
+                self.check_request_size(&hdr, size, 0)?;
+                let file = take_single_file(files).ok_or(Error::IncorrectFds)?;
+                let res = self.backend.set_log_fd(file);
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::GET_PROTOCOL_FEATURES) => {
@@ -878,6 +911,15 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 let msg = self.extract_request_body::<VhostUserLog>(&hdr, size, &buf)?;
                 self.backend.set_log_base(&msg, file)?;
                 self.send_reply_message(&hdr, &msg)?;
+            }
+            // The first 6 bytes of the payload are the guest's MAC address.
+            Ok(FrontendReq::SEND_RARP) => {
+                self.check_proto_feature(VhostUserProtocolFeatures::RARP)?;
+                let msg = self.extract_request_body::<VhostUserU64>(&hdr, size, &buf)?;
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&msg.value.to_ne_bytes()[..6]);
+                let res = self.backend.send_rarp(mac);
+                self.send_ack_message(&hdr, res)?;
             }
             _ => {
                 return Err(Error::InvalidMessage);
