@@ -32,6 +32,8 @@ pub enum SeccompMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
     Blk,
+    /// vhost-user-blk serving a Ceph RBD image: librados's threads and sockets too.
+    BlkRbd,
     Net,
     Console,
 }
@@ -174,6 +176,27 @@ fn blk() -> Vec<Allow> {
     ]
 }
 
+/// librados / librbd while serving: its messenger's TCP connections to monitors and OSDs
+/// (made again after a daemon restarts), its worker threads and timers.
+fn rbd() -> Vec<Allow> {
+    vec![
+        // A new connection for each OSD (and monitor) met, again when one restarts.
+        ArgIn(
+            libc::SYS_socket,
+            0,
+            vec![libc::AF_INET as u64, libc::AF_INET6 as u64],
+        ),
+        Any(libc::SYS_connect),
+        Any(libc::SYS_setsockopt),
+        // The messenger names its host in each new session.
+        Any(libc::SYS_uname),
+        // librbd's timers (asio): retrying the exclusive lock held by a daemon that died.
+        Any(libc::SYS_timerfd_create),
+        Any(libc::SYS_timerfd_settime),
+        Any(libc::SYS_timerfd_gettime),
+    ]
+}
+
 fn net() -> Vec<Allow> {
     vec![ArgIn(
         libc::SYS_ioctl,
@@ -242,6 +265,7 @@ impl Profile {
         let mut list = base();
         list.extend(match self {
             Profile::Blk => blk(),
+            Profile::BlkRbd => blk().into_iter().chain(rbd()).collect(),
             Profile::Net => net(),
             Profile::Console => console(),
         });
@@ -396,7 +420,12 @@ mod tests {
     fn forbidden_calls_kill_with_sigsys() {
         use nix::sys::signal::Signal;
         use nix::sys::wait::WaitStatus;
-        for profile in [Profile::Blk, Profile::Net, Profile::Console] {
+        for profile in [
+            Profile::Blk,
+            Profile::BlkRbd,
+            Profile::Net,
+            Profile::Console,
+        ] {
             for body in [ptrace_traceme as fn() -> i32, mount_proc] {
                 let status = in_child(profile, SeccompMode::Kill, body);
                 assert!(

@@ -49,6 +49,9 @@ pub enum ServeError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The device's own start-up inside the sandbox failed (the message is the device's).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// A listening socket, and the path to remove at exit if we created it.
@@ -267,6 +270,27 @@ where
     F: FnMut() -> io::Result<B>,
     X: FnOnce() + Send + 'static,
 {
+    run_with_setup(name, config, needs, on_exit, || Ok(()), new_backend)
+}
+
+/// [`run`], with `setup` run inside the sandbox, before seccomp and before serving: for a
+/// device that must start threads (which the sandbox forbids before it) yet report its
+/// errors at start-up (vhost-user-blk connecting to a Ceph cluster).
+pub fn run_with_setup<B, F, X, S>(
+    name: &str,
+    config: &ListenConfig,
+    needs: Needs,
+    on_exit: X,
+    setup: S,
+    new_backend: F,
+) -> Result<(), ServeError>
+where
+    B: DaemonBackend,
+    B::Vring: Clone + Send + Sync,
+    F: FnMut() -> io::Result<B>,
+    X: FnOnce() + Send + 'static,
+    S: FnOnce() -> Result<(), String>,
+{
     // A mount namespace can only be entered by a process with one thread, so the signal
     // thread starts after the sandbox. Until then SIGTERM and SIGINT are held pending (not
     // lost, not fatal): one sent as soon as the socket appears still runs `on_exit`.
@@ -306,6 +330,10 @@ where
     // The SIGBUS guard's pipe and watcher thread: after the sandbox (which wants a single
     // thread), before the filter (which has no pipe2).
     crate::sigbus::arm();
+    if let Err(e) = setup() {
+        last_words();
+        return Err(ServeError::Setup(e));
+    }
     // Before the first worker thread; TSYNC covers the signal thread (and anything a library
     // started earlier).
     if let Err(e) = needs.syscalls.install(config.seccomp) {

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod blkio_client;
+pub mod ceph;
 pub mod debroot;
 pub mod guest;
 pub mod hostile;
@@ -173,6 +174,20 @@ impl Daemon {
     /// Everything the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the daemon has logged `needle` (fails if it exits or `timeout` passes).
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(needle) {
+            if !self.is_running() || Instant::now() > deadline {
+                return Err(
+                    format!("the daemon never logged {needle:?}: {}", self.log_tail(10)).into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// The last `lines` lines the daemon logged.

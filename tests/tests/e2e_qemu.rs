@@ -2018,3 +2018,73 @@ fn console_migration_is_refused_by_qemu11() {
         },
     );
 }
+// ---------------------------------------------------------------------------------------------
+// vhost-user-blk on a Ceph RBD image (`--rbd`; a throwaway cluster, `vhost_user_tests::ceph`)
+
+#[cfg(feature = "rbd")]
+matrix!(
+    /// fio's verified random writes through both queues, a pattern written with dd: the
+    /// pattern is in the image `rbd export` reads back after the daemon left.
+    blk_rbd_fio_verify_and_export,
+    |logs, guest, qemu| {
+        let cluster = vhost_user_tests::ceph::Cluster::start()?;
+        let spec = cluster.create_image("e2e", DISK_SIZE)?;
+        let (conf, keyring) = (
+            cluster.conf().to_string_lossy().into_owned(),
+            cluster.keyring().to_string_lossy().into_owned(),
+        );
+        let args = [
+            "--rbd", &spec, "--rbd-conf", &conf, "--rbd-keyring", &keyring, "--num-queues", "2",
+        ];
+        let mut daemon = Daemon::start(BLK, &args)?;
+        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
+        logs.note_command(&format!("{BLK} --socket-path {} {}", daemon.socket.display(), args.join(" ")));
+        daemon.wait_for_log("librbd engine", Duration::from_secs(60))?;
+        let tag = random_tag();
+        let pattern_block = PATTERN_OFFSET / 4096;
+        let script = format!(
+            r#"echo "E2E size_sectors=$(cat /sys/block/vda/size)"
+fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
+    --rw=randwrite --bs=4k --size={FIO_SIZE} --verify=crc32c --do_verify=1 \
+    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
+echo "E2E fio_rc=$?"
+echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
+cat /tmp/fio.err
+yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fsync 2>/dev/null
+echo "E2E pattern_write_rc=$?"
+echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
+"#
+        );
+        let config = VmConfig::new(qemu, script).blk(&daemon.socket, 2, false);
+        let mut vm = Vm::start(guest, &config, logs)?;
+        let out = vm.finish(BOOT_TIMEOUT, &|| false)?;
+        drop(vm);
+        ensure(out.get_u64("size_sectors")? == DISK_SIZE / 512, || {
+            format!("guest sees {:?} sectors", out.get("size_sectors"))
+        })?;
+        let fio = FioTerse::parse(out.get("fio")?)?;
+        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
+            format!("fio failed: rc {:?}, error {}", out.get("fio_rc"), fio.error())
+        })?;
+        ensure(fio.read_kib() == FIO_SIZE / 1024, || {
+            format!("fio verified {} KiB, expected {}", fio.read_kib(), FIO_SIZE / 1024)
+        })?;
+        eprintln!(
+            "blk rbd: fio 4k randwrite+verify (io_uring, iodepth 16): write {:.0} IOPS, verify read {:.0} IOPS",
+            fio.write_iops(),
+            fio.read_iops()
+        );
+        ensure(
+            out.get_u64("pattern_write_rc")? == 0 && out.get_u64("io_errors")? == 0,
+            || "the pattern's dd failed or the guest logged I/O errors".into(),
+        )?;
+        ensure(daemon.terminate()?.success(), || "the daemon did not exit cleanly".into())?;
+        let image = cluster.export(&spec)?;
+        let at = PATTERN_OFFSET as usize;
+        ensure(image.get(at..at + PATTERN_LEN) == Some(&yes_pattern(&tag, PATTERN_LEN)[..]), || {
+            "the exported image does not hold the pattern the guest wrote".into()
+        })?;
+        Ok(())
+    }
+);

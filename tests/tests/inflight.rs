@@ -729,36 +729,91 @@ fn sigkill_with_requests_really_in_flight_out_of_order() -> Result<()> {
 fn qemu72_guest_fio_verify_survives_repeated_sigkill() -> Result<()> {
     use vhost_user_tests::guest::GuestKernel;
     use vhost_user_tests::qemu::QemuVersion;
-    guest_fio_verify_survives_repeated_sigkill(QemuVersion::Qemu72, GuestKernel::Host)
+    guest_fio_verify_survives_repeated_sigkill(
+        QemuVersion::Qemu72,
+        GuestKernel::Host,
+        "",
+        &ext4_disk,
+    )
 }
 
 #[test]
 fn qemu11_guest_fio_verify_survives_repeated_sigkill() -> Result<()> {
     use vhost_user_tests::guest::GuestKernel;
     use vhost_user_tests::qemu::QemuVersion;
-    guest_fio_verify_survives_repeated_sigkill(QemuVersion::Qemu11, GuestKernel::Newest)
+    guest_fio_verify_survives_repeated_sigkill(
+        QemuVersion::Qemu11,
+        GuestKernel::Newest,
+        "",
+        &ext4_disk,
+    )
 }
+
+/// The same on a Ceph RBD image (a throwaway cluster): librbd completes requests out of order
+/// too, and the restarted daemon takes the image's exclusive lock over from the killed one.
+#[cfg(feature = "rbd")]
+#[test]
+fn qemu72_guest_fio_verify_on_rbd_survives_repeated_sigkill() -> Result<()> {
+    use vhost_user_tests::guest::GuestKernel;
+    use vhost_user_tests::qemu::QemuVersion;
+    guest_fio_verify_survives_repeated_sigkill(
+        QemuVersion::Qemu72,
+        GuestKernel::Host,
+        "_rbd",
+        &|| {
+            let cluster = vhost_user_tests::ceph::Cluster::start()?;
+            let spec = cluster.create_image("inflight", 48 << 20)?;
+            let args = vec![
+                "--rbd".to_string(),
+                spec,
+                "--rbd-conf".into(),
+                cluster.conf().display().to_string(),
+                "--rbd-keyring".into(),
+                cluster.keyring().display().to_string(),
+            ];
+            Ok((args, Box::new(cluster) as Box<dyn std::any::Any>))
+        },
+    )
+}
+
+/// A 48 MiB O_DIRECT file on a loop-mounted ext4 (io_uring completes out of order there): the
+/// daemon's disk arguments, and what keeps the file system mounted.
+fn ext4_disk() -> Result<(Vec<String>, Box<dyn std::any::Any>)> {
+    let fs = Ext4::new()?;
+    let disk = fs.mnt().join("disk.img");
+    File::create(&disk)?.set_len(48 << 20)?;
+    let args = vec![
+        "--file".into(),
+        disk.to_string_lossy().into_owned(),
+        "--direct".into(),
+    ];
+    Ok((args, Box::new(fs)))
+}
+
+/// What a daemon serves in [`guest_fio_verify_survives_repeated_sigkill`]: its disk
+/// arguments, and what must live as long as the test (a mount, a cluster).
+type DiskUnderTest = dyn Fn() -> Result<(Vec<String>, Box<dyn std::any::Any>)>;
 
 fn guest_fio_verify_survives_repeated_sigkill(
     version: vhost_user_tests::qemu::QemuVersion,
     kernel: vhost_user_tests::guest::GuestKernel,
+    variant: &str,
+    disk: &DiskUnderTest,
 ) -> Result<()> {
     use vhost_user_tests::guest::Guest;
     use vhost_user_tests::qemu::{ensure, FioTerse, Logs, Qemu, Vm, VmConfig};
     const FIO_SIZE: u64 = 32 << 20;
     const TIMEOUT: Duration = Duration::from_secs(300);
-    let name = format!("inflight_{version:?}_guest_fio_verify_survives_repeated_sigkill");
+    let name = format!("inflight_{version:?}{variant}_guest_fio_verify_survives_repeated_sigkill");
     let logs = Logs::new(&name)?;
     let result = (|| -> Result<()> {
         let qemu = Qemu::get(version)?;
         let guest = Guest::with_kernel(kernel)?;
-        let fs = Ext4::new()?;
-        let disk = fs.mnt().join("disk.img");
-        File::create(&disk)?.set_len(48 << 20)?;
-        let disk_arg = disk.to_string_lossy().into_owned();
+        let (disk_args, _disk) = disk()?;
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("blk.sock");
-        let args = ["--file", disk_arg.as_str(), "--num-queues", "2", "--direct"];
+        let mut args: Vec<&str> = disk_args.iter().map(String::as_str).collect();
+        args.extend(["--num-queues", "2"]);
         let script = format!(
             r#"fio --name=inflight --filename=/dev/vda --ioengine=libaio --iodepth=32 --direct=1 \
     --rw=randwrite --bs=4k --size={FIO_SIZE} --verify=crc32c --do_verify=1 \

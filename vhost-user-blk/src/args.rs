@@ -8,6 +8,7 @@ use vhost_user_common::{ListenArgs, ListenConfig};
 
 use crate::disk::DiskOptions;
 use crate::executor::EngineKind;
+use crate::rbd::options::{parse_spec, RbdOptions};
 use crate::qcow2::ImageFormat;
 use crate::request::ID_BYTES;
 
@@ -26,7 +27,7 @@ pub struct Args {
         long,
         short = 'f',
         value_name = "PATH",
-        required_unless_present = "print_capabilities"
+        required_unless_present_any = ["print_capabilities", "rbd"]
     )]
     pub file: Option<PathBuf>,
 
@@ -42,6 +43,33 @@ pub struct Args {
     /// qcow2: the backing file's format, for images that do not record it (or to override it).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub backing_format: Option<ImageFormat>,
+
+    /// A Ceph RBD image instead of a file, as rbd(8) names it; a snapshot (@SNAP) is served
+    /// read-only. Needs a build with the `rbd` feature (the Debian package has it).
+    #[arg(long, value_name = "POOL[/NAMESPACE]/IMAGE[@SNAP]", conflicts_with_all = ["file", "direct"])]
+    pub rbd: Option<String>,
+
+    /// The RBD cluster's ceph.conf [default: librados's search: $CEPH_CONF,
+    /// /etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf].
+    #[arg(long, value_name = "PATH")]
+    pub rbd_conf: Option<PathBuf>,
+
+    /// The Ceph client id to connect as (`admin` is client.admin) [default: admin].
+    #[arg(long, value_name = "ID")]
+    pub rbd_id: Option<String>,
+
+    /// Keyring holding the client's key [default: the configuration's `keyring`].
+    #[arg(long, value_name = "PATH")]
+    pub rbd_keyring: Option<PathBuf>,
+
+    /// Give up starting when the cluster's monitors do not answer within this time.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub rbd_connect_timeout: u32,
+
+    /// Fail a request that waited this long for the cluster (OSDs down) with an I/O error;
+    /// 0 waits as long as it takes, as a local disk would.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub rbd_io_timeout: u32,
 
     /// Export the disk read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
     #[arg(long)]
@@ -84,6 +112,8 @@ pub struct Args {
 pub struct Config {
     pub listen: ListenConfig,
     pub disk: DiskOptions,
+    /// `--rbd`: the image to serve instead of `disk`.
+    pub rbd: Option<RbdOptions>,
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: Option<String>,
@@ -99,6 +129,14 @@ pub enum ConfigError {
     Listen(#[from] CliError),
     #[error("--file is required: the backing file or block device to export")]
     NoFile,
+    #[error("--rbd {0:?}: {1}")]
+    RbdSpec(String, String),
+    #[error(
+        "--rbd-conf, --rbd-id and --rbd-keyring describe the image of --rbd, which is missing"
+    )]
+    RbdOnly,
+    #[error("--rbd-connect-timeout {0}: must be between 1 and 3600 seconds")]
+    RbdConnectTimeout(u32),
     #[error("--num-queues {0}: must be between 1 and 64")]
     NumQueues(u16),
     #[error("--queue-size {0}: must be a power of two between 2 and 32768")]
@@ -117,7 +155,21 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Config, ConfigError> {
-        let path = args.file.ok_or(ConfigError::NoFile)?;
+        let rbd = args
+            .rbd
+            .as_deref()
+            .map(|spec| rbd_options(spec, &args))
+            .transpose()?;
+        let rbd_flags =
+            args.rbd_conf.is_some() || args.rbd_id.is_some() || args.rbd_keyring.is_some();
+        if rbd.is_none() && rbd_flags {
+            return Err(ConfigError::RbdOnly);
+        }
+        let path = match (args.file, &rbd) {
+            (Some(path), _) => path,
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => return Err(ConfigError::NoFile),
+        };
         if !(1..=64).contains(&args.num_queues) {
             return Err(ConfigError::NumQueues(args.num_queues));
         }
@@ -153,6 +205,7 @@ impl TryFrom<Args> for Config {
                 backing: args.backing,
                 backing_format: args.backing_format,
             },
+            rbd,
             num_queues: args.num_queues,
             queue_size: args.queue_size,
             serial: args.serial,
@@ -161,6 +214,27 @@ impl TryFrom<Args> for Config {
             poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
         })
     }
+}
+
+/// `--rbd` and its companions → where the image is and how to reach its cluster.
+fn rbd_options(spec: &str, args: &Args) -> Result<RbdOptions, ConfigError> {
+    let (pool, namespace, image, snap) =
+        parse_spec(spec).map_err(|e| ConfigError::RbdSpec(spec.to_string(), e))?;
+    if !(1..=3600).contains(&args.rbd_connect_timeout) {
+        return Err(ConfigError::RbdConnectTimeout(args.rbd_connect_timeout));
+    }
+    Ok(RbdOptions {
+        pool,
+        namespace,
+        image,
+        snap,
+        conf: args.rbd_conf.clone(),
+        id: args.rbd_id.clone().unwrap_or_else(|| "admin".into()),
+        keyring: args.rbd_keyring.clone(),
+        readonly: args.readonly,
+        connect_timeout: std::time::Duration::from_secs(args.rbd_connect_timeout.into()),
+        io_timeout: std::time::Duration::from_secs(args.rbd_io_timeout.into()),
+    })
 }
 
 #[cfg(test)]
@@ -213,5 +287,28 @@ mod tests {
         assert!(parse(&["--format", "vmdk"]).is_err());
         assert!(parse(&["--poll-us", "50"])
             .is_ok_and(|c| c.poll == std::time::Duration::from_micros(50)));
+    }
+
+    fn parse_rbd(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["vhost-user-blk", "--socket-path", "/tmp/x.sock"];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rbd_takes_the_place_of_the_file() {
+        let config = parse_rbd(&["--rbd", "p/ns/img@s", "--rbd-id", "vm1"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let rbd = config.rbd.unwrap_or_else(|| panic!("no rbd options"));
+        assert_eq!(rbd.name(), "p/ns/img@s");
+        assert_eq!(rbd.id, "vm1");
+        assert!(rbd.read_only(), "a snapshot is served read-only");
+        assert!(parse_rbd(&["--rbd", "p/img", "--file", "/x"]).is_err());
+        assert!(parse_rbd(&["--rbd", "p/img", "--direct"]).is_err());
+        assert!(parse_rbd(&["--rbd-conf", "/etc/ceph/ceph.conf", "--file", "/x"]).is_err());
+        assert!(parse_rbd(&["--rbd", "img"]).is_err_and(|e| e.contains("--rbd \"img\"")));
+        assert!(parse_rbd(&["--rbd", "p/i", "--rbd-connect-timeout", "0"])
+            .is_err_and(|e| e.contains("--rbd-connect-timeout")));
     }
 }

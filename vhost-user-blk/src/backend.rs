@@ -34,6 +34,7 @@ use crate::executor::{EngineKind, ExecContext, Executor};
 use crate::pool::CopyPool;
 use crate::queue::QueueWorker;
 use crate::request::{Limits, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::store::Store;
 
 /// Largest single discard / write-zeroes range we accept (1 GiB): bounds the time one request
 /// can hold a worker.
@@ -79,10 +80,14 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     pub fn new(disk: Arc<Disk>, settings: DeviceSettings) -> BlkBackend {
+        BlkBackend::with_store(Store::File(disk), settings)
+    }
+
+    pub fn with_store(store: Store, settings: DeviceSettings) -> BlkBackend {
         let limits = Limits {
-            capacity_sectors: disk.size() >> SECTOR_SHIFT,
+            capacity_sectors: store.size() >> SECTOR_SHIFT,
             logical_block_size: settings.logical_block_size,
-            readonly: disk.readonly(),
+            readonly: store.readonly(),
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
@@ -92,19 +97,33 @@ impl BlkBackend {
         // IOCB_NOWAIT), so io_uring would hand every request to one of its worker threads: two
         // more thread switches per request for what is a memory copy. Copying in the queue's
         // own thread is cheaper and faster.
-        let memory_backed = disk.memory_backed();
+        let memory_backed = store.memory_backed();
         let inline = settings.engine == EngineKind::IoUring && memory_backed;
         if inline {
             log::info!(
                 "{}: on a memory file system; reads and writes run in the queue threads",
-                disk.path().display()
+                store.name()
             );
         }
         let pool = if inline { copy_pool(&settings) } else { None };
-        let ctx = Arc::new(ExecContext::new(disk, settings.serial.clone()));
+        let ctx = Arc::new(ExecContext::with_store(
+            store.clone(),
+            settings.serial.clone(),
+        ));
         let mut warned = false;
         let workers = (0..settings.num_queues)
             .map(|index| {
+                #[cfg(feature = "rbd")]
+                if let Store::Rbd(image) = &store {
+                    return Mutex::new(QueueWorker::new(
+                        index,
+                        ctx.clone(),
+                        limits,
+                        settings.poll,
+                        crate::rbd::engine::executor(image, settings.queue_size),
+                        settings.queue_size,
+                    ));
+                }
                 let executor = Executor::new(
                     settings.engine,
                     memory_backed,
@@ -151,7 +170,7 @@ impl BlkBackend {
     /// virtio_blk_config as the guest sees it.
     pub fn config_space(&self) -> Vec<u8> {
         let lbs = self.settings.logical_block_size;
-        let physical = self.ctx.disk().physical_block_size().max(lbs);
+        let physical = self.ctx.store().physical_block_size().max(lbs);
         let config = virtio_blk_config {
             capacity: self.limits.capacity_sectors.to_le(),
             size_max: SIZE_MAX.to_le(),
@@ -305,7 +324,7 @@ impl VhostUserBackend for BlkBackend {
             let writeback = *byte != 0;
             if !writeback {
                 // Switching to write-through: what was cached so far becomes durable now.
-                self.ctx.disk().flush()?;
+                self.ctx.store().flush()?;
             }
             self.ctx.set_writeback(writeback);
             log::info!(

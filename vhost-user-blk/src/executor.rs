@@ -26,6 +26,7 @@ use crate::pool::{CopyPool, Offload, SPLIT_MIN_BYTES};
 use crate::request::{
     Completion, Operation, Request, ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
+use crate::store::Store;
 
 /// Which engine runs reads, writes and flushes (`--io-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,11 +38,11 @@ pub enum EngineKind {
     Sync,
 }
 
-/// What every request of a device executes against: the disk, the serial GET_ID answers,
-/// and the write-cache mode the guest chose.
+/// What every request of a device executes against: the backing store, the serial GET_ID
+/// answers, and the write-cache mode the guest chose.
 #[derive(Debug)]
 pub struct ExecContext {
-    disk: Arc<Disk>,
+    store: Store,
     serial: Vec<u8>,
     /// Write-back cache on (the guest flushes); when off, every write is made durable.
     writeback: AtomicBool,
@@ -52,16 +53,20 @@ pub struct ExecContext {
 
 impl ExecContext {
     pub fn new(disk: Arc<Disk>, serial: Vec<u8>) -> ExecContext {
+        ExecContext::with_store(Store::File(disk), serial)
+    }
+
+    pub fn with_store(store: Store, serial: Vec<u8>) -> ExecContext {
         ExecContext {
-            disk,
+            store,
             serial,
             writeback: AtomicBool::new(true),
             errors: RateLimit::default(),
         }
     }
 
-    pub fn disk(&self) -> &Arc<Disk> {
-        &self.disk
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn writeback(&self) -> bool {
@@ -72,7 +77,7 @@ impl ExecContext {
         self.writeback.store(on, Ordering::Relaxed);
     }
 
-    fn write_through(&self) -> bool {
+    pub fn write_through(&self) -> bool {
         !self.writeback()
     }
 }
@@ -157,9 +162,41 @@ impl IoBuffers {
     }
 }
 
+/// GET_ID: the serial into the guest's `len`-byte buffer `data`.
+pub fn answer_get_id(
+    ctx: &ExecContext,
+    mem: &GuestMemory,
+    data: &[Segment],
+    len: u64,
+) -> io::Result<()> {
+    let mut id = [0u8; ID_BYTES];
+    let n = ctx.serial.len().min(ID_BYTES);
+    id[..n].copy_from_slice(&ctx.serial[..n]);
+    let mut at = 0usize;
+    for seg in data {
+        let end = (at + seg.len as usize).min(len as usize);
+        mem.write_slice(&id[at..end], seg.addr)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        at = end;
+    }
+    Ok(())
+}
+
 /// Executes `request` synchronously and returns the status to report.
 pub fn execute_sync(request: &Request, ctx: &ExecContext, mem: &GuestMemory) -> u8 {
-    let disk = &*ctx.disk;
+    if let Operation::GetId { data, len } = &request.op {
+        return match answer_get_id(ctx, mem, data, *len) {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                log::warn!("get-id failed: {e}");
+                VIRTIO_BLK_S_IOERR
+            }
+        };
+    }
+    let Some(disk) = ctx.store.file() else {
+        // Only file stores have synchronous engines; others never come here.
+        return VIRTIO_BLK_S_IOERR;
+    };
     let result = match &request.op {
         Operation::Read { offset, data, len } => IoBuffers::new(disk, mem, data, *len, false)
             .and_then(|bufs| {
@@ -174,22 +211,7 @@ pub fn execute_sync(request: &Request, ctx: &ExecContext, mem: &GuestMemory) -> 
                 unsafe { disk.write_vectored_at(&bufs.iovecs, *offset, ctx.write_through()) }
             }),
         Operation::Flush => disk.flush(),
-        Operation::GetId { data, len } => {
-            let mut id = [0u8; ID_BYTES];
-            let n = ctx.serial.len().min(ID_BYTES);
-            id[..n].copy_from_slice(&ctx.serial[..n]);
-            let mut at = 0usize;
-            let mut result = Ok(());
-            for seg in data {
-                let end = (at + seg.len as usize).min(*len as usize);
-                if let Err(e) = mem.write_slice(&id[at..end], seg.addr) {
-                    result = Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-                    break;
-                }
-                at = end;
-            }
-            result
-        }
+        Operation::GetId { .. } => Ok(()),
         Operation::Discard(ranges) => ranges
             .iter()
             .try_for_each(|r| disk.discard(r.offset, r.len)),
@@ -276,7 +298,9 @@ impl UringEngine {
         ctx: &ExecContext,
         mem: &Arc<GuestMemory>,
     ) -> Option<Completion> {
-        let disk = &*ctx.disk;
+        let Some(disk) = ctx.store.file() else {
+            return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
+        };
         let slot = usize::from(head);
         if slot >= self.slots.len() || self.slots[slot].is_some() {
             // A head can only be in flight once; a guest that reuses it is broken or hostile.
@@ -398,7 +422,7 @@ impl UringEngine {
             let status = if result < 0 {
                 log::warn!(
                     "{}: io_uring request failed: {}",
-                    ctx.disk.path().display(),
+                    ctx.store.name(),
                     io::Error::from_raw_os_error(-result)
                 );
                 VIRTIO_BLK_S_IOERR
@@ -486,6 +510,9 @@ pub enum Executor {
     },
     /// preadv/pwritev in the queue's thread.
     Sync,
+    /// librbd's asynchronous requests, completions through [`Executor::eventfd`].
+    #[cfg(feature = "rbd")]
+    Rbd(Box<crate::rbd::RbdEngine>),
 }
 
 /// Bytes `request` reads, if it is a read. (Only reads are shared with copy threads: writes
@@ -532,6 +559,8 @@ impl Executor {
                 offload: Some(offload),
                 ..
             } => Some(offload.eventfd()),
+            #[cfg(feature = "rbd")]
+            Executor::Rbd(rbd) => Some(rbd.eventfd()),
             _ => None,
         }
     }
@@ -548,6 +577,8 @@ impl Executor {
     ) {
         match self {
             Executor::Uring(uring) => out.extend(uring.push(head, request, ctx, mem)),
+            #[cfg(feature = "rbd")]
+            Executor::Rbd(rbd) => out.extend(rbd.push(head, request, ctx, mem)),
             Executor::Inline {
                 offload: Some(_),
                 reads,
@@ -592,6 +623,12 @@ impl Executor {
                 }
             }
             Executor::Inline { offload: None, .. } | Executor::Sync => {}
+            #[cfg(feature = "rbd")]
+            Executor::Rbd(rbd) => {
+                if rbd.has_completions() {
+                    rbd.reap(out);
+                }
+            }
         }
         out.len() - before
     }
@@ -604,6 +641,8 @@ impl Executor {
                 offload: Some(offload),
                 ..
             } => offload.has_finished(),
+            #[cfg(feature = "rbd")]
+            Executor::Rbd(rbd) => rbd.has_completions(),
             _ => false,
         }
     }
@@ -619,6 +658,8 @@ impl Executor {
                 offload: Some(offload),
                 ..
             } => offload.reap(out),
+            #[cfg(feature = "rbd")]
+            Executor::Rbd(rbd) => rbd.reap(out),
             _ => {}
         }
     }
@@ -631,6 +672,8 @@ impl Executor {
                 offload: Some(offload),
                 ..
             } => offload.drain(out),
+            #[cfg(feature = "rbd")]
+            Executor::Rbd(rbd) => rbd.drain(out),
             _ => {}
         }
     }

@@ -559,6 +559,9 @@ pub fn build() -> Result<PathBuf, String> {
     for daemon in &DAEMONS {
         build.args(["--package", daemon.name]);
     }
+    // vhost-user-blk serves Ceph RBD images too: the package depends on librbd1 (found by
+    // dpkg-shlibdeps); building needs librbd-dev.
+    build.args(["--features", "vhost-user-blk/rbd"]);
     let status = build
         .status()
         .map_err(|e| format!("cannot run cargo build: {e}"))?;

@@ -98,6 +98,24 @@ impl Client {
                 return Err(format!("read at {offset} returned other data than the disk's").into());
             }
         }
+        let offset = self.round_trip(size, rng)?;
+        if let Expect::Raw(file) = expect {
+            file.read_exact_at(&mut expected, offset)?;
+            if self.copy_out(LEN, LEN) != expected {
+                return Err(format!("a write at {offset} did not reach the file").into());
+            }
+        }
+        // Leave the region's fill as it was: later writes put non-zero data in the file.
+        self.copy_in(0, &[0x5a; 2 * LEN]);
+        Ok(())
+    }
+}
+
+impl Client {
+    /// A random block written through the daemon must read back intact (left in the region's
+    /// second 4 KiB); returns its offset.
+    pub(super) fn round_trip(&mut self, size: u64, rng: &mut Rng) -> Result<u64> {
+        const LEN: usize = 4096;
         let offset = rng.below(size / LEN as u64) * LEN as u64;
         let pattern: Vec<u8> = (0..LEN / 8)
             .flat_map(|_| rng.next().to_le_bytes())
@@ -106,21 +124,15 @@ impl Client {
         let ptr = self.buf(0, LEN);
         self.queues[0].write(offset, ptr, LEN, 0, ReqFlags::empty());
         wait_one(&mut self.queues[0])?;
-        if let Expect::Raw(file) = expect {
-            file.read_exact_at(&mut expected, offset)?;
-            if expected != pattern {
-                return Err(format!("a write at {offset} did not reach the file").into());
-            }
-        }
         let ptr = self.buf(LEN, LEN);
         self.queues[0].read(offset, ptr, LEN, 0, ReqFlags::empty());
         wait_one(&mut self.queues[0])?;
         if self.copy_out(LEN, LEN) != pattern {
             return Err(format!("data written at {offset} read back differently").into());
         }
-        // Leave the region's fill as it was: later writes put non-zero data in the file.
-        self.copy_in(0, &[0x5a; 2 * LEN]);
-        Ok(())
+        // Leave the region's first block as it was: later writes put non-zero data out.
+        self.copy_in(0, &[0x5a; LEN]);
+        Ok(offset)
     }
 }
 

@@ -52,6 +52,7 @@
 mod client;
 mod measure;
 mod peer;
+mod rbd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -82,6 +83,8 @@ pub enum Backing {
     /// A new (empty) qcow2 image in --disk-dir, O_DIRECT: reads of unallocated clusters,
     /// writes that allocate.
     Qcow2Empty,
+    /// An RBD image on a throwaway Ceph cluster (ours and qemu-storage-daemon only).
+    Rbd,
 }
 
 impl Backing {
@@ -91,6 +94,7 @@ impl Backing {
             Backing::Disk => "disk",
             Backing::Qcow2Full => "qcow2-full",
             Backing::Qcow2Empty => "qcow2-empty",
+            Backing::Rbd => "rbd",
         }
     }
 
@@ -123,7 +127,7 @@ pub struct BlkArgs {
 
     /// Backing files to measure, comma separated.
     #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_enum,
-          default_values_t = [Backing::Shm, Backing::Disk, Backing::Qcow2Full, Backing::Qcow2Empty])]
+          default_values_t = [Backing::Shm, Backing::Disk, Backing::Qcow2Full, Backing::Qcow2Empty, Backing::Rbd])]
     pub backing: Vec<Backing>,
 
     /// Directory of the disk backing file.
@@ -164,6 +168,7 @@ impl Default for BlkArgs {
                 Backing::Disk,
                 Backing::Qcow2Full,
                 Backing::Qcow2Empty,
+                Backing::Rbd,
             ],
             disk_dir: PathBuf::from("/var/tmp"),
             subjects: vec![Subject::Ours, Subject::Qsd, Subject::Fio],
@@ -201,6 +206,13 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
         String::new()
     };
     for &backing in &args.backing {
+        if backing == Backing::Rbd {
+            let with_qsd = subjects.contains(&Subject::Qsd);
+            if subjects.contains(&Subject::Ours) {
+                rbd::run(opts, &ours_bin, with_qsd)?;
+            }
+            continue;
+        }
         let mut queue_counts: Vec<u16> = args.queues.iter().copied().filter(|&q| q > 0).collect();
         queue_counts.dedup();
         if opts.quick && backing != Backing::Shm {
@@ -230,7 +242,7 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
              blkio virtio-blk-vhost-user driver, one thread per queue, QD per queue, {} s per case",
             match backing {
                 Backing::Shm => "/dev/shm (tmpfs, buffered)".to_string(),
-                Backing::Disk => format!("{} (O_DIRECT)", args.disk_dir.display()),
+                Backing::Disk | Backing::Rbd => format!("{} (O_DIRECT)", args.disk_dir.display()),
                 Backing::Qcow2Full => format!(
                     "a fully allocated qcow2 image in {} (O_DIRECT)",
                     args.disk_dir.display()
@@ -544,7 +556,7 @@ impl<'a> Target<'a> {
         match self.backing {
             Backing::Qcow2Full => Expect::Image(Some(&self.source.file)),
             Backing::Qcow2Empty => Expect::Image(None),
-            Backing::Shm | Backing::Disk => Expect::Raw(&self.source.file),
+            Backing::Shm | Backing::Disk | Backing::Rbd => Expect::Raw(&self.source.file),
         }
     }
 }

@@ -36,8 +36,11 @@ impl QsdAio {
     pub(super) fn best_for(backing: Backing) -> QsdAio {
         match backing {
             Backing::Shm => QsdAio::IoUring,
-            // qcow2 images are on the same disk, opened O_DIRECT too.
-            Backing::Disk | Backing::Qcow2Full | Backing::Qcow2Empty => QsdAio::Native,
+            // qcow2 images are on the same disk, opened O_DIRECT too. (RBD has no aio: qsd's
+            // rbd driver is librbd's own asynchronous API.)
+            Backing::Disk | Backing::Qcow2Full | Backing::Qcow2Empty | Backing::Rbd => {
+                QsdAio::Native
+            }
         }
     }
 }
