@@ -8,8 +8,8 @@ use vhost_user_common::{ListenArgs, ListenConfig};
 
 use crate::disk::DiskOptions;
 use crate::executor::EngineKind;
-use crate::rbd::options::{parse_spec, RbdOptions};
 use crate::qcow2::ImageFormat;
+use crate::rbd::options::{parse_spec, RbdOptions};
 use crate::request::ID_BYTES;
 
 /// The longest `--poll-us` accepted.

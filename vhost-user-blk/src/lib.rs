@@ -124,7 +124,10 @@ fn device_settings(config: &Config, store: &Store) -> DeviceSettings {
         "{}: {} bytes{}{}{}, {} queue(s) of {}, serial {serial:?}, {} engine{}",
         store.name(),
         store.size(),
-        store.file().map(|disk| disk.describe_format()).unwrap_or_default(),
+        store
+            .file()
+            .map(|disk| disk.describe_format())
+            .unwrap_or_default(),
         if store.readonly() { ", read-only" } else { "" },
         if direct { ", O_DIRECT" } else { "" },
         config.num_queues,
