@@ -340,20 +340,9 @@ impl RbdEngine {
         };
         self.in_flight -= 1;
         let status = match entry.error {
-            None => {
-                if let Operation::Read { data, .. } = &entry.request.op {
-                    // librbd wrote guest memory behind vm-memory's back: dirty-page logging
-                    // (live migration) must hear of it.
-                    for seg in data {
-                        vhost_user_common::memory::mark_dirty(
-                            &entry.mem,
-                            seg.addr,
-                            seg.len as usize,
-                        );
-                    }
-                }
-                VIRTIO_BLK_S_OK
-            }
+            // What librbd wrote into guest memory goes into the migration log with the
+            // completion (`Completion::written`, marked by the queue before it publishes).
+            None => VIRTIO_BLK_S_OK,
             Some(e) => {
                 log::warn!(
                     "{}: {} failed: {}",
