@@ -34,8 +34,10 @@ use crate::Result;
 /// Bump when the image's layout changes in a way the hash would not see.
 const BUILDER_VERSION: &str = "vhost-user-systemd-guest 1";
 const SUITE: &str = "bookworm";
-/// Besides minbase: what the test needs (systemd as PID 1, udev for /dev/vdb and the tap).
-const PACKAGES: &str = "systemd,systemd-sysv,udev";
+/// Besides minbase: what the test needs (systemd as PID 1, udev for /dev/vdb and the tap), and
+/// what the package depends on beyond minbase (librbd1 and librados2: RBD support), since the
+/// guest has no network to fetch them when the .deb is installed.
+const PACKAGES: &str = "systemd,systemd-sysv,udev,librbd1";
 
 /// Modules to insmod in the initramfs, in dependency order (modinfo's `depends=`).
 const MODULES: [&str; 12] = [
