@@ -77,6 +77,19 @@ impl ExecContext {
         self.writeback.store(on, Ordering::Relaxed);
     }
 
+    /// Whether `head` may start: its slot exists and is free. A head can only be in flight
+    /// once; a guest that makes one available again is broken or hostile (logged at a bounded
+    /// rate, the chain ignored).
+    pub(crate) fn slot_is_free<T>(&self, slots: &[Option<T>], head: u16) -> bool {
+        let free = slots.get(usize::from(head)).is_some_and(Option::is_none);
+        if !free {
+            self.errors.warn(format_args!(
+                "descriptor {head} made available again while in flight; ignored"
+            ));
+        }
+        free
+    }
+
     pub fn write_through(&self) -> bool {
         !self.writeback()
     }
@@ -301,12 +314,10 @@ impl UringEngine {
         let Some(disk) = ctx.store.file() else {
             return Some(request.finish(head, mem, VIRTIO_BLK_S_IOERR));
         };
-        let slot = usize::from(head);
-        if slot >= self.slots.len() || self.slots[slot].is_some() {
-            // A head can only be in flight once; a guest that reuses it is broken or hostile.
-            log::warn!("descriptor {head} made available again while in flight; ignored");
+        if !ctx.slot_is_free(&self.slots, head) {
             return None;
         }
+        let slot = usize::from(head);
         let (entry, buffers, expected) = match &request.op {
             Operation::Read { offset, data, len } | Operation::Write { offset, data, len } => {
                 let is_write = matches!(request.op, Operation::Write { .. });

@@ -162,12 +162,10 @@ impl RbdEngine {
         ctx: &ExecContext,
         mem: &Arc<GuestMemory>,
     ) -> Option<Completion> {
-        let slot = usize::from(head);
-        if slot >= self.slots.len() || self.slots[slot].is_some() {
-            // A head can only be in flight once; a guest that reuses it is broken or hostile.
-            log::warn!("descriptor {head} made available again while in flight; ignored");
+        if !ctx.slot_is_free(&self.slots, head) {
             return None;
         }
+        let slot = usize::from(head);
         let image = self.image.raw();
         let mut iovecs = Vec::new();
         let mut started = 0;
