@@ -139,6 +139,18 @@ fn make_disk(dir: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
     file.write_all_at(format!("host-seeded-{tag}\n").as_bytes(), SEED_OFFSET)?;
     Ok(path)
 }
+/// Guest script lines: fio writes `size` bytes at random with crc32c and verifies them, then
+/// reports its exit status and terse result (`E2E fio_rc`, `E2E fio`) for [`FioTerse`].
+fn fio_verify_script(size: u64) -> String {
+    format!(
+        r#"fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
+    --rw=randwrite --bs=4k --size={size} --verify=crc32c --do_verify=1 \
+    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
+echo "E2E fio_rc=$?"
+echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
+cat /tmp/fio.err"#
+    )
+}
 
 /// Guest shell lines that report the seeded line the guest reads through the daemon.
 fn read_seed_script() -> String {
@@ -179,12 +191,7 @@ echo "E2E mq=$(ls /sys/block/vda/mq | wc -l)"
 echo "E2E ro=$(cat /sys/block/vda/ro)"
 echo "E2E serial=$(cat /sys/block/vda/serial)"
 echo "E2E discard_max_bytes=$(cat /sys/block/vda/queue/discard_max_bytes)"
-{seed}fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
-    --rw=randwrite --bs=4k --size={fio_size} --verify=crc32c --do_verify=1 \
-    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
-echo "E2E fio_rc=$?"
-echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
-cat /tmp/fio.err
+{seed}{fio}
 yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fsync 2>/dev/null
 echo "E2E pattern_write_rc=$?"
@@ -204,8 +211,8 @@ n=0; while [ ! -e /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 dd if=/dev/vda bs=4096 skip={pattern_block} count={pattern_blocks} iflag=direct 2>/dev/null | cmp - /tmp/pattern
 echo "E2E after_reset_readback_rc=$?"
 "#,
+            fio = fio_verify_script(FIO_SIZE),
             seed = read_seed_script(),
-            fio_size = FIO_SIZE,
             pattern_blocks = PATTERN_LEN / 4096,
             discard_mib = DISCARD_OFFSET >> 20,
             discard_len_mib = DISCARD_LEN >> 20,
@@ -356,12 +363,7 @@ matrix!(
         let pattern_block = PATTERN_OFFSET / 4096;
         let script = format!(
             r#"echo "E2E size_sectors=$(cat /sys/block/vda/size)"
-{seed}fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
-    --rw=randwrite --bs=4k --size={FIO_SIZE} --verify=crc32c --do_verify=1 \
-    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
-echo "E2E fio_rc=$?"
-echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
-cat /tmp/fio.err
+{seed}{fio}
 yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fsync 2>/dev/null
 echo "E2E pattern_write_rc=$?"
@@ -372,6 +374,7 @@ echo "E2E discard_rc=$?"
 sync
 echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
 "#,
+            fio = fio_verify_script(FIO_SIZE),
             seed = read_seed_script(),
             pattern_blocks = PATTERN_LEN / 4096,
         );
@@ -2044,17 +2047,13 @@ matrix!(
         let pattern_block = PATTERN_OFFSET / 4096;
         let script = format!(
             r#"echo "E2E size_sectors=$(cat /sys/block/vda/size)"
-fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
-    --rw=randwrite --bs=4k --size={FIO_SIZE} --verify=crc32c --do_verify=1 \
-    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
-echo "E2E fio_rc=$?"
-echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
-cat /tmp/fio.err
+{fio}
 yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fsync 2>/dev/null
 echo "E2E pattern_write_rc=$?"
 echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
-"#
+"#,
+            fio = fio_verify_script(FIO_SIZE)
         );
         let config = VmConfig::new(qemu, script).blk(&daemon.socket, 2, false);
         let mut vm = Vm::start(guest, &config, logs)?;
