@@ -13,6 +13,7 @@ pub mod rx;
 pub mod stats;
 pub mod tap;
 pub mod tx;
+pub mod tx_uring;
 
 use std::io;
 use std::mem::size_of;

@@ -3,9 +3,10 @@
 //! queue as arguments; the vhost-user glue ([`crate::backend`]) only says what woke the pair.
 //!
 //! - TX ([`QueuePair::process_tx`]): chains are taken [`TX_BATCH`] at a time, checked and
-//!   turned into iovecs ([`crate::tx`]), written to the tap with one `writev` per frame (a tap
-//!   takes one frame per write), then given back with one used-index update per batch. The
-//!   guest's kicks are off while the ring is drained and back on when it runs dry.
+//!   turned into iovecs ([`crate::tx`]), written to the tap in one batch (one io_uring
+//!   submission, [`crate::tx_uring`]; a tap takes one frame per write), then given back with
+//!   one used-index update per batch. The guest's kicks are off while the ring is drained and
+//!   back on when it runs dry.
 //! - RX ([`QueuePair::process_rx`]): the tap drives receiving. A frame is read into the pair's
 //!   buffer, receive chains are taken until they hold it (several with MRG_RXBUF), it is copied
 //!   in ([`crate::rx`]), and used entries are published [`RX_PUBLISH`] at a time, whole frames
@@ -59,6 +60,52 @@ pub trait TapIo {
     ///
     /// Every iovec must describe memory that stays mapped and readable for the whole call.
     unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize>;
+
+    /// Writes `frames` (ranges of `iovecs`) in order, pushing each one's result onto
+    /// `results`, and stops once the tap is full (a `WouldBlock` pushed last). Frames after a
+    /// `WouldBlock` may have been tried as well (a tap that drained in between takes them).
+    /// One [`TapIo::write_frame`] per frame, stopping at the first `WouldBlock`, unless the
+    /// tap does better.
+    ///
+    /// # Safety
+    ///
+    /// As [`TapIo::write_frame`], for every frame.
+    unsafe fn write_frames(
+        &self,
+        iovecs: &[libc::iovec],
+        frames: &[(usize, usize)],
+        results: &mut Vec<io::Result<usize>>,
+    ) {
+        // SAFETY: the same contract, passed on.
+        unsafe { write_frames_one_by_one(self, iovecs, frames, results) }
+    }
+}
+
+fn would_block(result: &io::Result<usize>) -> bool {
+    matches!(result, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// [`TapIo::write_frames`] with one [`TapIo::write_frame`] per frame.
+///
+/// # Safety
+///
+/// As [`TapIo::write_frame`], for every frame.
+pub unsafe fn write_frames_one_by_one<T: TapIo + ?Sized>(
+    tap: &T,
+    iovecs: &[libc::iovec],
+    frames: &[(usize, usize)],
+    results: &mut Vec<io::Result<usize>>,
+) {
+    for &(from, to) in frames {
+        let frame = iovecs.get(from..to).unwrap_or_default();
+        // SAFETY: the caller's contract.
+        let result = unsafe { tap.write_frame(frame) };
+        let full = would_block(&result);
+        results.push(result);
+        if full {
+            return;
+        }
+    }
 }
 
 const fn bit(b: u32) -> u64 {
@@ -121,12 +168,18 @@ struct TxFrame {
 struct TxBatch {
     frames: Vec<TxFrame>,
     iovecs: Vec<libc::iovec>,
+    /// The iovec ranges of the frames to send (the chains not dropped), in order.
+    sendable: Vec<(usize, usize)>,
+    /// The tap's answer for each sendable frame, in order ([`TapIo::write_frames`]).
+    results: Vec<io::Result<usize>>,
 }
 
 impl TxBatch {
     fn clear(&mut self) {
         self.frames.clear();
         self.iovecs.clear();
+        self.sendable.clear();
+        self.results.clear();
     }
 }
 
@@ -255,25 +308,45 @@ impl QueuePair {
                 };
                 batch.frames.push(TxFrame { head, iovecs });
             }) == TX_BATCH;
+            batch
+                .sendable
+                .extend(batch.frames.iter().filter_map(|frame| frame.iovecs));
+            // SAFETY: the iovecs were made from bounds-checked descriptors of `mem`, which the
+            // caller's guard keeps mapped for this whole call.
+            unsafe { tap.write_frames(&batch.iovecs, &batch.sendable, &mut batch.results) };
+            // Frames up to the last one the tap took or refused are done; the rest wait for
+            // room. A frame the tap had no room for while a later one went out is dropped
+            // rather than sent out of order.
+            let settled = batch.results.len()
+                - batch
+                    .results
+                    .iter()
+                    .rev()
+                    .take_while(|r| would_block(r))
+                    .count();
+            let mut results = batch.results.iter().take(settled);
             let mut done = 0;
             for frame in &batch.frames {
                 if let Some((from, to)) = frame.iovecs {
-                    let iovecs = batch.iovecs.get(from..to).unwrap_or_default();
-                    // SAFETY: the iovecs were made from bounds-checked descriptors of `mem`,
-                    // which the caller's guard keeps mapped for this whole call.
-                    match unsafe { tap.write_frame(iovecs) } {
-                        Ok(_) => sent += 1,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match results.next() {
+                        Some(Ok(_)) => sent += 1,
+                        Some(Err(e)) => {
+                            dropped += 1;
+                            let len: usize = batch
+                                .iovecs
+                                .get(from..to)
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|v| v.iov_len)
+                                .sum();
+                            stats.warn(format_args!(
+                                "pair {index}: the tap refused a {len}-byte frame: {e}"
+                            ));
+                        }
+                        None => {
                             // Keep this chain and the rest for when the tap drains.
                             self.tx_blocked = true;
                             break;
-                        }
-                        Err(e) => {
-                            dropped += 1;
-                            stats.warn(format_args!(
-                                "pair {index}: the tap refused a {}-byte frame: {e}",
-                                iovecs.iter().map(|v| v.iov_len).sum::<usize>()
-                            ));
                         }
                     }
                 }
@@ -431,6 +504,10 @@ mod tests {
         incoming: Mutex<VecDeque<Vec<u8>>>,
         sent: Mutex<Vec<Vec<u8>>>,
         room: Mutex<Option<usize>>,
+        /// Like the io_uring tap: a batch tries every frame, and these attempts (counted from
+        /// 0 over the tap's life) find it full although it has room.
+        busy_attempts: Mutex<Option<Vec<usize>>>,
+        attempts: Mutex<usize>,
     }
 
     impl TapIo for FakeTap {
@@ -443,9 +520,33 @@ mod tests {
             Ok(n)
         }
 
+        unsafe fn write_frames(
+            &self,
+            iovecs: &[libc::iovec],
+            frames: &[(usize, usize)],
+            results: &mut Vec<io::Result<usize>>,
+        ) {
+            if lock(&self.busy_attempts).is_none() {
+                // SAFETY: the caller's contract, passed on.
+                return unsafe { write_frames_one_by_one(self, iovecs, frames, results) };
+            }
+            for &(from, to) in frames {
+                // SAFETY: the caller's contract, passed on.
+                results.push(unsafe { self.write_frame(&iovecs[from..to]) });
+            }
+        }
+
         unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+            let attempt = {
+                let mut attempts = lock(&self.attempts);
+                *attempts += 1;
+                *attempts - 1
+            };
+            let busy = lock(&self.busy_attempts)
+                .as_ref()
+                .is_some_and(|busy| busy.contains(&attempt));
             let mut room = lock(&self.room);
-            if *room == Some(0) {
+            if *room == Some(0) || busy {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let mut frame = Vec::new();
@@ -731,6 +832,13 @@ mod tests {
         }
     }
 
+    fn tap_writable() -> Wake {
+        Wake::Tap {
+            readable: false,
+            writable: true,
+        }
+    }
+
     #[test]
     fn framing_follows_features() {
         assert_eq!(Framing::from_features(bit(VIRTIO_F_VERSION_1)).hdr_len, 12);
@@ -803,12 +911,32 @@ mod tests {
         f.wake(Wake::TxKick);
         assert!(f.sent().is_empty());
         *lock(&f.tap.room) = None;
-        let want = f.wake(Wake::Tap {
-            readable: false,
-            writable: true,
-        });
+        let want = f.wake(tap_writable());
         assert_eq!(f.sent(), frames[1..].to_vec());
         assert_eq!(f.tx_used(), vec![(heads[1], 0), (heads[2], 0)]);
+        assert!(!want.write);
+    }
+
+    #[test]
+    fn a_frame_the_tap_was_full_for_is_dropped_when_a_later_one_went_out() {
+        let mut f = fixture(false, true);
+        // Attempts 1 and 3 find the tap full, attempt 2 gets in (the tap drained in between),
+        // and so does nothing after 3 until the tap is writable again.
+        *lock(&f.tap.busy_attempts) = Some(vec![1, 3, 4]);
+        let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(i, 60)).collect();
+        let heads: Vec<u16> = frames.iter().map(|fr| f.tx_chain(fr, 64)).collect();
+        let want = f.wake(Wake::TxKick);
+        // Frame 1 would now go out after frame 2: it is dropped, not reordered.
+        assert_eq!(f.sent(), vec![frames[0].clone(), frames[2].clone()]);
+        assert_eq!(
+            f.tx_used(),
+            vec![(heads[0], 0), (heads[1], 0), (heads[2], 0)]
+        );
+        assert_eq!(f.stats.tx_dropped.load(Ordering::Relaxed), 1);
+        assert!(want.write, "frames 3 and 4 wait for room");
+        let want = f.wake(tap_writable());
+        assert_eq!(f.sent(), frames[3..].to_vec());
+        assert_eq!(f.tx_used(), vec![(heads[3], 0), (heads[4], 0)]);
         assert!(!want.write);
     }
 

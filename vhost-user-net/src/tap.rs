@@ -9,14 +9,15 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
 
-use crate::queue_pair::TapIo;
+use crate::queue_pair::{write_frames_one_by_one, TapIo, TX_BATCH};
+use crate::tx_uring::TxUring;
 
 /// `struct ifreq`: the interface name and a 24-byte union we fill per request.
 #[repr(C)]
@@ -111,6 +112,11 @@ impl Offloads {
 #[derive(Debug)]
 pub struct TapQueue {
     file: File,
+    /// Transmit batches in one system call; `None` where io_uring is unavailable (then one
+    /// `writev` per frame).
+    tx_uring: Option<TxUring>,
+    /// The ring failed once: every frame goes through `writev` from then on.
+    tx_uring_failed: AtomicBool,
 }
 
 impl AsRawFd for TapQueue {
@@ -167,7 +173,18 @@ impl TapQueue {
         req.set_short(flags as i16);
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is.
         unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF as libc::c_ulong, &mut req)? };
-        Ok(TapQueue { file })
+        let tx_uring = match TxUring::new(file.as_raw_fd(), TX_BATCH as u32) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                log::warn!("tap {name}: io_uring unavailable ({e}); one writev per frame");
+                None
+            }
+        };
+        Ok(TapQueue {
+            file,
+            tx_uring,
+            tx_uring_failed: AtomicBool::new(false),
+        })
     }
 
     /// Attaches (true) or detaches (false) this queue: a detached queue gets no frames, so the
@@ -243,6 +260,34 @@ impl TapIo for TapQueue {
     unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: the same contract, passed on.
         unsafe { TapQueue::write_frame(self, iovecs) }
+    }
+
+    unsafe fn write_frames(
+        &self,
+        iovecs: &[libc::iovec],
+        frames: &[(usize, usize)],
+        results: &mut Vec<io::Result<usize>>,
+    ) {
+        let start = results.len();
+        if let Some(ring) = &self.tx_uring {
+            if !self.tx_uring_failed.load(Ordering::Relaxed) {
+                // SAFETY: the same contract, passed on.
+                match unsafe { ring.write_frames(iovecs, frames, results) } {
+                    Ok(()) => return,
+                    Err(e) => {
+                        // Frames of the failed submission may go out twice below; a ring that
+                        // fails at all is a kernel fault, not load.
+                        log::warn!(
+                            "tap transmit ring failed ({e}): one writev per frame from now on"
+                        );
+                        self.tx_uring_failed.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let rest = frames.get(results.len() - start..).unwrap_or_default();
+        // SAFETY: the same contract, passed on.
+        unsafe { write_frames_one_by_one(self, iovecs, rest, results) }
     }
 }
 

@@ -4,10 +4,10 @@
 
 use std::ops::Index;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::{io, ptr};
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{Address, GuestMemoryRegion};
 
@@ -72,11 +72,19 @@ pub struct BitmapMmapRegion {
     // TODO: To avoid both reader and writer starvation we can replace the `std::sync::RwLock` with
     // `parking_lot::RwLock`.
     inner: Arc<RwLock<Option<AtomicBitmapMmap>>>,
+    // Whether `inner` holds a bitmap, set and cleared under its write lock. Almost every write
+    // happens while nothing is logged: checking this first keeps them off the lock.
+    logging: Arc<AtomicBool>,
     base_address: usize, // The slice's base address
 }
 
 impl Bitmap for BitmapMmapRegion {
     fn mark_dirty(&self, offset: usize, len: usize) {
+        // A write that sees `false` here is ordered as if it took the read lock just before the
+        // bitmap was installed, as it could have with the lock alone.
+        if !self.logging.load(Ordering::Acquire) {
+            return;
+        }
         let inner = self.inner.read().unwrap();
         if let Some(bitmap) = inner.as_ref() {
             if let Some(absolute_offset) = self.base_address.checked_add(offset) {
@@ -93,10 +101,7 @@ impl Bitmap for BitmapMmapRegion {
     }
 
     fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
-        Self {
-            inner: Arc::clone(&self.inner),
-            base_address: self.base_address.saturating_add(offset),
-        }
+        RefSlice::new(self, offset)
     }
 }
 
@@ -106,18 +111,20 @@ impl BitmapReplace for BitmapMmapRegion {
     fn replace(&self, bitmap: AtomicBitmapMmap) {
         let mut inner = self.inner.write().unwrap();
         inner.replace(bitmap);
+        self.logging.store(true, Ordering::Release);
     }
 
     fn clear(&self) {
         let mut inner = self.inner.write().unwrap();
         inner.take();
+        self.logging.store(false, Ordering::Release);
     }
 }
 
-impl BitmapSlice for BitmapMmapRegion {}
-
-impl WithBitmapSlice<'_> for BitmapMmapRegion {
-    type S = Self;
+// Slices borrow the region's bitmap: every guest memory access makes one, and cloning the
+// `Arc` for each would be two atomic operations on a cache line all threads share.
+impl<'a> WithBitmapSlice<'a> for BitmapMmapRegion {
+    type S = RefSlice<'a, Self>;
 }
 
 impl NewBitmap for BitmapMmapRegion {
