@@ -66,6 +66,13 @@ impl Measurement {
         let cpu = self.backend_cpu?;
         (self.ops > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ops as f64)
     }
+
+    /// How many times more operations per backend CPU-second this measurement got than
+    /// `other` (the inverse ratio of their CPU per operation).
+    pub fn efficiency_over(&self, other: &Measurement) -> Option<f64> {
+        let (ours, theirs) = (self.cpu_us_per_op()?, other.cpu_us_per_op()?);
+        (ours > 0.0).then(|| theirs / ours)
+    }
 }
 
 /// Latency samples in nanoseconds.
@@ -171,7 +178,7 @@ impl Table {
         &self.rows
     }
 
-    fn format_row(row: &Row, ratio: Option<f64>) -> String {
+    fn format_row(row: &Row, ratio: Option<(f64, Option<f64>)>) -> String {
         let m = &row.measurement;
         let us = |d: Option<Duration>| {
             d.map_or_else(
@@ -179,8 +186,9 @@ impl Table {
                 |d| format!("{:.1}", d.as_secs_f64() * 1e6),
             )
         };
+        let times = |r: Option<f64>| r.map_or_else(|| "-".to_string(), |r| format!("{r:.2}x"));
         format!(
-            "| {} | {} | {:.0} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
             row.case,
             row.subject,
             m.ops_per_sec(),
@@ -189,28 +197,31 @@ impl Table {
             us(m.latencies.percentile(99.0)),
             m.cpu_us_per_op()
                 .map_or_else(|| "-".to_string(), |c| format!("{c:.2}")),
-            ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}x")),
+            times(ratio.map(|(r, _)| r)),
+            times(ratio.and_then(|(_, e)| e)),
         )
     }
 
-    /// The table as Markdown. "ours/this" is our ops/s divided by this row's ops/s, same case.
+    /// The table as Markdown. "ours/this" is our ops/s divided by this row's ops/s, same case;
+    /// "ops per CPU-s ours/this" the same for operations per backend CPU-second.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "\n### {}\n", self.title);
         let _ = writeln!(
             out,
-            "| case | subject | ops/s | MB/s | p50 µs | p99 µs | backend CPU µs/op | ours/this |"
+            "| case | subject | ops/s | MB/s | p50 µs | p99 µs | backend CPU µs/op | ours/this | ops per CPU-s ours/this |"
         );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
             let ours = self
                 .rows
                 .iter()
                 .find(|r| r.case == row.case && r.subject == self.ours);
             let ratio = match ours {
-                Some(ours) if row.subject != self.ours && row.measurement.ops > 0 => {
-                    Some(ours.measurement.ops_per_sec() / row.measurement.ops_per_sec())
-                }
+                Some(ours) if row.subject != self.ours && row.measurement.ops > 0 => Some((
+                    ours.measurement.ops_per_sec() / row.measurement.ops_per_sec(),
+                    ours.measurement.efficiency_over(&row.measurement),
+                )),
                 _ => None,
             };
             let _ = writeln!(out, "{}", Self::format_row(row, ratio));
@@ -251,6 +262,32 @@ mod tests {
         let text = t.render();
         assert!(text.contains("| c | peer | 200 |"), "{text}");
         assert!(text.contains("1.50x"), "{text}");
+    }
+
+    #[test]
+    fn efficiency_is_operations_per_cpu_second_ours_over_the_peer() {
+        let m = |ops, cpu_ms| Measurement {
+            ops,
+            elapsed: Duration::from_secs(1),
+            backend_cpu: Some(Duration::from_millis(cpu_ms)),
+            ..Measurement::default()
+        };
+        // Ours: 1000 ops on 100 ms (100 µs/op); the peer: 500 ops on 150 ms (300 µs/op).
+        assert_eq!(m(1000, 100).efficiency_over(&m(500, 150)), Some(3.0));
+        let mut t = Table::new("t", "ours");
+        t.push("c", "ours", m(1000, 100));
+        t.push("c", "peer", m(500, 150));
+        t.push(
+            "c",
+            "no cpu",
+            Measurement {
+                backend_cpu: None,
+                ..m(500, 0)
+            },
+        );
+        let text = t.render();
+        assert!(text.contains("| 300.00 | 2.00x | 3.00x |"), "{text}");
+        assert!(text.contains("| - | 2.00x | - |"), "{text}");
     }
 
     #[test]

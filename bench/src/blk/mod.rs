@@ -316,8 +316,16 @@ pub fn run(opts: &Options, args: &BlkArgs) -> Result<()> {
     Ok(())
 }
 
+/// Geometric mean and lowest of `(ratio, case)` pairs.
+fn mean_and_lowest<'a>(ratios: &[(f64, &'a str)]) -> Option<(f64, f64, &'a str)> {
+    let lowest = ratios.iter().copied().min_by(|a, b| a.0.total_cmp(&b.0))?;
+    let log_mean = ratios.iter().map(|(r, _)| r.ln()).sum::<f64>() / ratios.len() as f64;
+    Some((log_mean.exp(), lowest.0, lowest.1))
+}
+
 /// Per subject other than ours: the geometric mean of ours/this (ops/s) over the cases, the
-/// worst case, and in how many cases our median latency was lower.
+/// worst case, and in how many cases our median latency was lower; then the same means of
+/// operations per backend CPU-second, over every case and over the QD32 ones.
 fn summary(table: &Table) -> String {
     let rows = table.rows();
     let mut subjects: Vec<&str> = Vec::new();
@@ -328,10 +336,9 @@ fn summary(table: &Table) -> String {
     }
     let mut out = String::new();
     for subject in subjects {
-        let mut log_sum = 0.0;
-        let mut count = 0usize;
-        let mut worst: Option<(f64, &str)> = None;
+        let mut throughput: Vec<(f64, &str)> = Vec::new();
         let mut lower_p50 = 0usize;
+        let mut efficiency: Vec<(f64, &str)> = Vec::new();
         for row in rows.iter().filter(|r| r.subject == subject) {
             let Some(ours) = rows
                 .iter()
@@ -343,23 +350,40 @@ fn summary(table: &Table) -> String {
             if a.ops == 0 || b.ops == 0 {
                 continue;
             }
-            let ratio = a.ops_per_sec() / b.ops_per_sec();
-            log_sum += ratio.ln();
-            count += 1;
-            if worst.is_none_or(|(w, _)| ratio < w) {
-                worst = Some((ratio, &row.case));
+            throughput.push((a.ops_per_sec() / b.ops_per_sec(), &row.case));
+            if let Some(e) = a.efficiency_over(b) {
+                efficiency.push((e, &row.case));
             }
             if let (Some(x), Some(y)) = (a.latencies.percentile(50.0), b.latencies.percentile(50.0))
             {
                 lower_p50 += usize::from(x < y);
             }
         }
-        if let Some((w, case)) = worst {
+        if let Some((mean, low, case)) = mean_and_lowest(&throughput) {
+            let count = throughput.len();
             out.push_str(&format!(
-                "- ours / {subject}: geometric mean {:.2}x over {count} cases, lowest {w:.2}x \
-                 ({case}); lower p50 latency in {lower_p50} of {count}\n",
-                (log_sum / count as f64).exp()
+                "- ours / {subject}: geometric mean {mean:.2}x over {count} cases, lowest {low:.2}x \
+                 ({case}); lower p50 latency in {lower_p50} of {count}\n"
             ));
+        }
+        if let Some((mean, low, case)) = mean_and_lowest(&efficiency) {
+            out.push_str(&format!(
+                "- ours / {subject}, operations per backend CPU-second: geometric mean \
+                 {mean:.2}x over {} cases, lowest {low:.2}x ({case})",
+                efficiency.len()
+            ));
+            let qd32: Vec<(f64, &str)> = efficiency
+                .iter()
+                .copied()
+                .filter(|(_, case)| case.contains("qd32"))
+                .collect();
+            if let Some((mean, low, case)) = mean_and_lowest(&qd32) {
+                out.push_str(&format!(
+                    "; QD32: {mean:.2}x over {}, lowest {low:.2}x ({case})",
+                    qd32.len()
+                ));
+            }
+            out.push('\n');
         }
     }
     out
@@ -579,5 +603,37 @@ mod tests {
         assert_eq!(parsed.backing, default.backing);
         assert_eq!(parsed.subjects, default.subjects);
         assert_eq!(parsed.disk_dir, default.disk_dir);
+    }
+
+    #[test]
+    fn summary_gives_operations_per_cpu_second_over_all_and_qd32_cases() {
+        use std::time::Duration;
+        let m = |ops, cpu_ms| Measurement {
+            ops,
+            elapsed: Duration::from_secs(1),
+            backend_cpu: Some(Duration::from_millis(cpu_ms)),
+            ..Measurement::default()
+        };
+        let mut t = Table::new("t", OURS);
+        // qd1: ours 2x the ops on the same CPU (4x per CPU-second); qd32: 1x per CPU-second.
+        t.push("4k randread qd1 1q shm", OURS, m(2000, 100));
+        t.push("4k randread qd1 1q shm", "qsd", m(1000, 200));
+        t.push("4k randread qd32 1q shm", OURS, m(1000, 100));
+        t.push("4k randread qd32 1q shm", "qsd", m(1000, 100));
+        let text = summary(&t);
+        assert!(
+            text.contains(
+                "- ours / qsd: geometric mean 1.41x over 2 cases, lowest 1.00x \
+                 (4k randread qd32 1q shm); lower p50 latency in 0 of 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "operations per backend CPU-second: geometric mean 2.00x over 2 cases, \
+                 lowest 1.00x (4k randread qd32 1q shm); QD32: 1.00x over 1"
+            ),
+            "{text}"
+        );
     }
 }

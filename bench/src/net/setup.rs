@@ -48,16 +48,10 @@ impl Setup {
         let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let tag = format!("{}{n}", subject.tag());
-        let ns = Netns::new("vub-net").map_err(|e| {
+        // No IPv6 on the taps: no router solicitations among the measured frames.
+        let ns = Netns::without_ipv6("vub-net").map_err(|e| {
             format!("cannot create a network namespace (the net benchmark needs root): {e}")
         })?;
-        // No IPv6 on the taps: no router solicitations among the measured frames.
-        ns.exec(&[
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
-             echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
-        ])?;
         // Interface names: at most 15 characters.
         let tap = format!("vb{tag}{}", pid % 1_000_000);
         let socket = run.dir.path().join(format!("{tag}.sock"));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vhost_user_tests::netns::Netns;
+use vhost_user_tests::netns::{internet_checksum, Netns};
 
 use super::peer::rx_packets;
 use super::setup::Setup;
@@ -282,7 +282,7 @@ fn udp_frame(size: usize, src_port: u16) -> Vec<u8> {
     ip[9] = 17;
     ip[12..16].copy_from_slice(&[198, 18, 0, 1]);
     ip[16..20].copy_from_slice(&[198, 18, 0, 2]);
-    let sum = checksum(&ip);
+    let sum = internet_checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&src_port.to_be_bytes());
@@ -291,18 +291,6 @@ fn udp_frame(size: usize, src_port: u16) -> Vec<u8> {
     f.extend_from_slice(&[0, 0]);
     f.resize(size, 0xa5);
     f
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// The counters of one interface, from `/proc/PID/net/dev` (the namespace of process PID).
@@ -346,7 +334,7 @@ mod tests {
         for size in [60, 64, 1500, 1514] {
             let f = udp_frame(size, 1234);
             assert_eq!(f.len(), size);
-            assert_eq!(checksum(&f[14..34]), 0);
+            assert_eq!(internet_checksum(&f[14..34]), 0);
         }
     }
 }
