@@ -107,6 +107,12 @@ pub struct Ring<H = NoHooks> {
     used: Vec<UsedElem>,
     /// The used index when something was first published after the last notification.
     unsignalled_from: Option<u16>,
+    /// Whether `notify` has decided since the ring (re)started. Its first decision signals
+    /// whatever `used_event` says: the driver may be waiting for an interrupt at a used
+    /// index before our first one, owed by the previous backend (a migration's source) or by
+    /// our previous run (a restart, a stop), and only an interrupt makes it look again.
+    /// Linux's vhost and libvhost-user do the same (`signalled_used_valid`).
+    notified_since_start: bool,
     hooks: H,
     errors: RateLimit,
 }
@@ -137,6 +143,7 @@ impl<H: RingHooks> Ring<H> {
             broken: None,
             used: Vec::new(),
             unsignalled_from: None,
+            notified_since_start: false,
             hooks,
             errors: RateLimit::default(),
         }
@@ -209,9 +216,11 @@ impl<H: RingHooks> Ring<H> {
         }
     }
 
-    /// Forgets that the ring was broken: the frontend has set it up again.
+    /// The frontend stopped the ring (GET_VRING_BASE) and will set it up again: forgets that it
+    /// was broken, and the first notification after the restart is sent unconditionally.
     pub fn reset(&mut self) {
         self.broken = None;
+        self.notified_since_start = false;
     }
 
     /// Logs a guest error about this ring, rate-limited.
@@ -486,14 +495,19 @@ impl<H: RingHooks> Ring<H> {
         }
         // Our used-index store before the driver's flags or used_event.
         fence(Ordering::SeqCst);
+        let first_since_start = !std::mem::replace(&mut self.notified_since_start, true);
         let needed = if event_idx {
-            let used_event = avail
-                .checked_add(4 + 2 * u64::from(size))
-                .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
-            match used_event.map(u16::from_le) {
-                // vring_need_event(used_event, new, old)
-                Some(event) => now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(start),
-                None => true,
+            first_since_start || {
+                let used_event = avail
+                    .checked_add(4 + 2 * u64::from(size))
+                    .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
+                match used_event.map(u16::from_le) {
+                    // vring_need_event(used_event, new, old)
+                    Some(event) => {
+                        now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(start)
+                    }
+                    None => true,
+                }
             }
         } else {
             mem.load::<u16>(GuestAddress(avail), Ordering::Acquire)
@@ -565,7 +579,6 @@ mod tests {
     use crate::testing::TestQueue;
     use std::sync::{Arc, Mutex};
     use vhost_user_backend::VringT;
-    use vm_memory::Address;
 
     const SIZE: u16 = 16;
 
@@ -690,19 +703,25 @@ mod tests {
         assert!(!ring.is_broken());
     }
 
+    /// Takes one chain and returns it used, with a notification decision.
+    fn complete_one(ring: &mut Ring, mem: &GuestMemory) {
+        let head = ring.pop(mem).map(|c| c.head_index());
+        ring.push_used(head.unwrap_or(0), 0);
+        ring.complete(mem);
+    }
+
     #[test]
     fn notification_follows_used_event_and_no_interrupt() {
-        // EVENT_IDX: used_event = 5; publishing entries 0..3 does not cross it.
+        // EVENT_IDX: used_event = 5; after the first decision (always an interrupt, see the
+        // next test), publishing entries 1..3 does not cross it.
         let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
         let mut ring = ring(&queue);
         let mem = queue.memory();
         add_chains(&mut queue, 8);
-        let used_event = GuestAddress(ring.vring().get_ref().get_queue().avail_ring())
-            .checked_add(4 + 2 * u64::from(SIZE))
-            .unwrap_or(GuestAddress(0));
-        mem.write_obj(5u16, used_event)
-            .unwrap_or_else(|e| panic!("{e}"));
-        for _ in 0..3 {
+        queue.set_used_event(5);
+        complete_one(&mut ring, &mem);
+        assert!(queue.signalled(), "the first decision since the start");
+        for _ in 1..3 {
             let head = ring.pop(&mem).map(|c| c.head_index());
             ring.push_used(head.unwrap_or(0), 0);
         }
@@ -726,6 +745,33 @@ mod tests {
         let head = ring.pop(&mem).map(|c| c.head_index());
         ring.push_used(head.unwrap_or(0), 0);
         ring.complete(&mem);
+        assert!(!queue.signalled());
+    }
+
+    /// A ring started on a used index past the driver's `used_event` (a migration's
+    /// destination, a restarted daemon: the interrupt for `used_event` was owed by the backend
+    /// before) interrupts on its first completion, or the driver would wait forever; later
+    /// completions follow `used_event` again, and a stop and restart starts over.
+    #[test]
+    fn the_first_completion_after_a_start_interrupts_whatever_used_event_says() {
+        let mut queue = TestQueue::new(SIZE, 0x10_0000, true);
+        add_chains(&mut queue, 8);
+        queue.vring.set_queue_next_avail(4);
+        queue.vring.set_queue_next_used(4);
+        let mut ring = ring(&queue);
+        let mem = queue.memory();
+        // The driver asked for an interrupt once entry 2 is used: the previous backend used it
+        // and never told it.
+        queue.set_used_event(2);
+        complete_one(&mut ring, &mem);
+        assert!(queue.signalled(), "the first completion after the start");
+        complete_one(&mut ring, &mem);
+        assert!(!queue.signalled(), "then used_event decides");
+        // GET_VRING_BASE and a new start.
+        ring.reset();
+        complete_one(&mut ring, &mem);
+        assert!(queue.signalled(), "the first completion after a restart");
+        complete_one(&mut ring, &mem);
         assert!(!queue.signalled());
     }
 

@@ -115,6 +115,19 @@ impl TestQueue {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Sets the driver's `used_event` (EVENT_IDX: interrupt me once entry `idx` is used).
+    pub fn set_used_event(&self, idx: u16) {
+        let size = self.vring.get_ref().get_queue().size();
+        self.memory()
+            .write_obj(
+                idx,
+                self.driver
+                    .avail_addr()
+                    .unchecked_add(4 + 2 * u64::from(size)),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// The device's used index.
     pub fn used_idx(&self) -> u16 {
         self.memory()
@@ -177,7 +190,7 @@ impl TestLog {
     pub fn attach(mem: &GuestMemory) -> TestLog {
         use std::sync::Arc;
         use vhost_user_backend::bitmap::{BitmapReplace, MemRegionBitmap, MmapLogReg};
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        use vm_memory::GuestMemoryBackend;
         let end = mem.last_addr().0 + 1;
         let bytes = end.div_ceil(LOG_PAGE).div_ceil(8).max(1);
         // SAFETY: the name is a valid C string; the result is checked before use.
@@ -194,7 +207,8 @@ impl TestLog {
             let bitmap =
                 <crate::DirtyBitmap as BitmapReplace>::InnerBitmap::new(region, log.clone())
                     .unwrap_or_else(|e| panic!("region bitmap: {e}"));
-            region.bitmap().replace(bitmap);
+            // The mapping's own bitmap (`GuestMemoryRegion::bitmap` gives a borrowed slice).
+            std::ops::Deref::deref(region).bitmap().replace(bitmap);
         }
         TestLog { file }
     }
