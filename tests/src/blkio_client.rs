@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 use std::path::Path;
 use std::time::Duration;
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion};
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 use crate::Result;
 
@@ -61,6 +61,45 @@ impl Client {
         // SAFETY: as in copy_in.
         unsafe { std::ptr::copy_nonoverlapping(self.buf(offset, len), out.as_mut_ptr(), len) }
         out
+    }
+
+    /// Writes `data` at disk `offset` through queue `queue`, staged at `staging` in the
+    /// region; returns the request's result code (0 = success).
+    pub fn write_at(
+        &mut self,
+        queue: usize,
+        offset: u64,
+        staging: usize,
+        data: &[u8],
+    ) -> Result<i32> {
+        self.copy_in(staging, data);
+        let buf = self.buf(staging, data.len());
+        let q = &mut self.queues[queue];
+        q.write(offset, buf, data.len(), 0, ReqFlags::empty());
+        wait_one(q)
+    }
+
+    /// Reads `len` bytes at disk `offset` through queue `queue` into `staging` in the region;
+    /// returns the request's result code and the bytes there afterwards.
+    pub fn read_at(
+        &mut self,
+        queue: usize,
+        offset: u64,
+        staging: usize,
+        len: usize,
+    ) -> Result<(i32, Vec<u8>)> {
+        let buf = self.buf(staging, len);
+        let q = &mut self.queues[queue];
+        q.read(offset, buf, len, 0, ReqFlags::empty());
+        let ret = wait_one(q)?;
+        Ok((ret, self.copy_out(staging, len)))
+    }
+
+    /// Flushes through queue 0; returns the request's result code.
+    pub fn flush(&mut self) -> Result<i32> {
+        let q = &mut self.queues[0];
+        q.flush(0, ReqFlags::empty());
+        wait_one(q)
     }
 }
 

@@ -753,8 +753,7 @@ impl<'a> Attacker<'a> {
                 vmm.ram
                     .write(avail + 2, &current.wrapping_add(ahead).to_le_bytes())?;
                 // used_event (EVENT_IDX) and avail flags.
-                vmm.ram
-                    .write(avail + 4 + 2 * size, &rng.gen::<u16>().to_le_bytes())?;
+                vmm.queues[q].set_used_event(&vmm.ram, rng.gen())?;
                 vmm.ram
                     .write(avail, &rng.gen_range(0u16..2).to_le_bytes())?;
                 vmm.queues[q].notify()?;

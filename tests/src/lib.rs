@@ -73,6 +73,8 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The program and arguments it was started with, for a run's `commands.txt`.
+    pub command_line: String,
     _dir: tempfile::TempDir,
 }
 
@@ -134,6 +136,11 @@ impl Daemon {
         dir: tempfile::TempDir,
     ) -> Result<Daemon> {
         let log = dir.path().join("daemon.log");
+        let command_line = std::iter::once(command.get_program())
+            .chain(command.get_args())
+            .map(|word| word.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
         // One open file description for both streams, so their writes append, not overwrite.
         let log_file = File::create(&log)?;
         let child = command
@@ -151,6 +158,7 @@ impl Daemon {
             child,
             socket,
             log,
+            command_line,
             _dir: dir,
         };
         daemon.wait_for_socket()?;
@@ -495,10 +503,7 @@ impl GuestQueue {
             self.last_used = self.last_used.wrapping_add(1);
         }
         // EVENT_IDX: ask to be notified for the next entry.
-        ram.write(
-            self.avail + 4 + 2 * u64::from(self.size),
-            &self.last_used.to_le_bytes(),
-        )?;
+        self.set_used_event(ram, self.last_used)?;
         Ok(out)
     }
 
@@ -527,16 +532,29 @@ impl GuestQueue {
                 )
                 .into());
             }
-            let wait = (deadline - now).min(Duration::from_millis(20));
-            let mut fds = [libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, wait.as_millis() as i32) };
-            let _ = self.call.read();
+            self.wait_signalled((deadline - now).min(Duration::from_millis(20)));
         }
+    }
+
+    /// Waits up to `timeout` for the device to signal the call eventfd (consumes the signal).
+    pub fn wait_signalled(&self, timeout: Duration) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+        self.was_signalled()
+    }
+
+    /// Sets the driver's `used_event` (EVENT_IDX): interrupt me once entry `idx` is used.
+    pub fn set_used_event(&self, ram: &GuestRam, idx: u16) -> Result<()> {
+        ram.write(
+            self.avail + 4 + 2 * u64::from(self.size),
+            &idx.to_le_bytes(),
+        )
     }
 
     /// True if the device signalled the call eventfd since the last read (consumes it).
@@ -638,10 +656,20 @@ impl TestVmm {
             queue.desc,
             &vec![0u8; (queue.used + 6 + 8 * u64::from(size) - queue.desc) as usize],
         )?;
-        self.frontend.set_vring_num(index, size)?;
+        while self.queues.len() <= index {
+            self.queues.push(GuestQueue::new(self.queues.len(), size)?);
+        }
+        self.queues[index] = queue;
+        self.configure_queue(index, 0, enable)
+    }
+
+    /// SET_VRING_NUM, ADDR, BASE (`base`), CALL, KICK and (with `enable`) ENABLE for `queue`.
+    fn configure_queue(&mut self, index: usize, base: u16, enable: bool) -> Result<()> {
+        let queue = &self.queues[index];
+        self.frontend.set_vring_num(index, queue.size)?;
         let config = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
+            queue_max_size: queue.size,
+            queue_size: queue.size,
             flags: 0,
             desc_table_addr: self.ram.host_addr(queue.desc)?,
             used_ring_addr: self.ram.host_addr(queue.used)?,
@@ -649,17 +677,22 @@ impl TestVmm {
             log_addr: None,
         };
         self.frontend.set_vring_addr(index, &config)?;
-        self.frontend.set_vring_base(index, 0)?;
+        self.frontend.set_vring_base(index, base)?;
         self.frontend.set_vring_call(index, &queue.call)?;
         self.frontend.set_vring_kick(index, &queue.kick)?;
         if enable && self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             self.frontend.set_vring_enable(index, true)?;
         }
-        while self.queues.len() <= index {
-            self.queues.push(GuestQueue::new(self.queues.len(), size)?);
-        }
-        self.queues[index] = queue;
         Ok(())
+    }
+
+    /// Stops queue `index` as QEMU does when the VM stops or a migration switches over
+    /// (GET_VRING_BASE), and starts it again where it stopped, on the same rings and
+    /// eventfds. Returns the base the device reported.
+    pub fn restart_queue(&mut self, index: usize) -> Result<u16> {
+        let base = self.frontend.get_vring_base(index)? as u16;
+        self.configure_queue(index, base, true)?;
+        Ok(base)
     }
 
     /// Reads `size` bytes of the device's config space at `offset`.
@@ -674,6 +707,40 @@ impl TestVmm {
     /// Split borrow: the RAM and one queue.
     pub fn queue(&mut self, index: usize) -> (&GuestRam, &mut GuestQueue) {
         (&self.ram, &mut self.queues[index])
+    }
+
+    /// A virtio-blk request header (`kind`, `sector`) and a status byte (0xee: not written
+    /// yet) in fresh guest RAM; returns their addresses.
+    pub fn blk_header(&mut self, kind: u32, sector: u64) -> Result<(u64, u64)> {
+        let header = self.ram.alloc(16, 16);
+        let status = self.ram.alloc(1, 1);
+        let mut bytes = [0u8; 16];
+        bytes[..4].copy_from_slice(&kind.to_le_bytes());
+        bytes[8..].copy_from_slice(&sector.to_le_bytes());
+        self.ram.write(header, &bytes)?;
+        self.ram.write(status, &[0xee])?;
+        Ok((header, status))
+    }
+
+    /// One virtio-blk request of type `kind` (`VIRTIO_BLK_T_*`) at `sector` on queue 0, its
+    /// data in `data` (device-readable for a write, device-writable for a read), its header
+    /// and status byte in fresh guest RAM: submits it, waits up to `timeout` for it to be
+    /// used, and returns the status byte.
+    pub fn blk_request(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: Buf,
+        timeout: Duration,
+    ) -> Result<u8> {
+        let (header, status) = self.blk_header(kind, sector)?;
+        let (ram, q) = self.queue(0);
+        q.submit(
+            ram,
+            &[Buf::readable(header, 16), data, Buf::writable(status, 1)],
+        )?;
+        q.wait_used(ram, 1, timeout)?;
+        Ok(self.ram.read(status, 1)?[0])
     }
 }
 

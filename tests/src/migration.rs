@@ -22,6 +22,7 @@ use vhost::vhost_user::Frontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
 use crate::guest::Guest;
+use crate::netns::internet_checksum;
 use crate::qemu::{Logs, Vm, VmConfig};
 use crate::{Result, TestVmm};
 
@@ -666,17 +667,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn internet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Frames seen on one interface (an AF_PACKET socket in its namespace), with their arrival

@@ -103,6 +103,88 @@ pub fn packet_socket(
     .map_err(|_| "namespace thread panicked")?
 }
 
+/// An AF_PACKET socket bound to an interface (a tap) inside a namespace: what the
+/// namespace's network sees of it.
+pub struct PacketSocket {
+    pub fd: OwnedFd,
+}
+
+impl PacketSocket {
+    pub fn open(ns: &Netns, ifname: &str) -> Result<PacketSocket> {
+        let fd = packet_socket(
+            &ns.name,
+            ifname,
+            libc::ETH_P_ALL as u16,
+            libc::SOCK_NONBLOCK,
+        )?;
+        Ok(PacketSocket { fd })
+    }
+
+    /// Sends `frame` out of the tap, i.e. towards the guest.
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: `frame` is valid for reads of `frame.len()` bytes during the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n != frame.len() as isize {
+            return Err(format!("send: {}", std::io::Error::last_os_error()).into());
+        }
+        Ok(())
+    }
+
+    /// Frames the tap received (from the guest), up to `count`, within `timeout`.
+    pub fn receive(&self, count: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        while frames.len() < count {
+            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: `buf` and `from` are valid for writes of the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut from_len,
+                )
+            };
+            if n >= 0 {
+                if from.sll_pkttype != libc::PACKET_OUTGOING {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let mut fds = [libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let wait = (deadline - now).as_millis().min(100) as i32;
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), 1, wait) };
+        }
+        Ok(frames)
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `data`, as IPv4 and ICMP headers carry it.
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// A network namespace of our own, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -120,6 +202,19 @@ impl Netns {
         run_ok("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// As [`Netns::new`], with IPv6 off: no router solicitations or MLD reports go out of
+    /// its interfaces uninvited, among the frames a test counts.
+    pub fn without_ipv6(prefix: &str) -> Result<Netns> {
+        let ns = Netns::new(prefix)?;
+        ns.exec(&[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
+             echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
+        ])?;
         Ok(ns)
     }
 

@@ -217,11 +217,13 @@ impl Logs {
         }
     }
 
-    /// Copies `from` to `<dir>/<name>` when the returned guard is dropped (declare it after
-    /// the daemon whose log it keeps: it is dropped first, while the log still exists).
-    pub fn keep(&self, from: &Path, name: &str) -> KeepLog {
+    /// Notes `daemon`'s command line in `commands.txt`, and copies its log to `<dir>/<name>`
+    /// when the returned guard is dropped (declare it after the daemon: it is dropped first,
+    /// while the log still exists).
+    pub fn keep(&self, daemon: &crate::Daemon, name: &str) -> KeepLog {
+        self.note_command(&daemon.command_line);
         KeepLog {
-            from: from.to_path_buf(),
+            from: daemon.log.clone(),
             to: self.path(name),
         }
     }
@@ -647,6 +649,40 @@ impl Drop for Vm {
     }
 }
 
+/// Guest shell lines for a verified fio job: random 4 KiB O_DIRECT writes over `size` bytes of
+/// /dev/vda with crc32c, read back and checked, with `engine` (fio's engine options). Reports
+/// `fio` (terse v3, for [`FioTerse::verified_job`]) and `fio_rc`. With `running_after` =
+/// `Some(n)`, the job runs in the background and `io_running` is reported once the disk has
+/// completed `n` writes (or the job ended): what a test waits for before it disturbs the
+/// daemon under the job.
+pub fn fio_verify_script(job: &str, engine: &str, size: u64, running_after: Option<u64>) -> String {
+    let fio = format!(
+        "fio --name={job} --filename=/dev/vda {engine} --direct=1 --rw=randwrite --bs=4k \
+         --size={size} --verify=crc32c --do_verify=1 --output-format=terse --terse-version=3 \
+         > /tmp/fio.out 2> /tmp/fio.err"
+    );
+    let run = match running_after {
+        None => format!("{fio}\n"),
+        Some(writes) => format!(
+            r#"{fio} &
+FIO=$!
+n=0
+while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" -lt {writes} ] && kill -0 $FIO 2>/dev/null && [ $n -lt 600 ]; do
+    sleep 0.1; n=$((n + 1))
+done
+echo "E2E io_running=$(awk '{{print $5}}' /sys/block/vda/stat)"
+wait $FIO
+"#
+        ),
+    };
+    format!(
+        r#"{run}echo "E2E fio_rc=$?"
+echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
+cat /tmp/fio.err
+"#
+    )
+}
+
 /// One line of `fio --output-format=terse --terse-version=3`.
 #[derive(Debug, Clone)]
 pub struct FioTerse {
@@ -654,6 +690,32 @@ pub struct FioTerse {
 }
 
 impl FioTerse {
+    /// The job a guest script reported as `fio` (with its exit code as `fio_rc`), checked to
+    /// have exited cleanly, without an error (verification failures included), having written
+    /// and verified `bytes` each.
+    pub fn verified_job(out: &GuestOutput, bytes: u64) -> Result<FioTerse> {
+        let fio = FioTerse::parse(out.get("fio")?)?;
+        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
+            format!(
+                "fio failed: rc {:?}, error {}",
+                out.get("fio_rc"),
+                fio.error()
+            )
+        })?;
+        ensure(
+            fio.write_kib() == bytes / 1024 && fio.read_kib() == bytes / 1024,
+            || {
+                format!(
+                    "fio wrote {} KiB and verified {} KiB, expected {} each",
+                    fio.write_kib(),
+                    fio.read_kib(),
+                    bytes / 1024
+                )
+            },
+        )?;
+        Ok(fio)
+    }
+
     pub fn parse(line: &str) -> Result<FioTerse> {
         let fields: Vec<String> = line.trim().split(';').map(str::to_string).collect();
         if fields.len() < 90 || fields[0] != "3" {
@@ -708,5 +770,29 @@ pub fn ensure(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
         Ok(())
     } else {
         Err(what().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both forms of the script are valid shell (`sh -n`), with the fio options in one
+    /// command and `io_running` only in the background form.
+    #[test]
+    fn fio_verify_script_is_valid_shell() {
+        for running_after in [None, Some(500)] {
+            let script = fio_verify_script("job", "--ioengine=psync", 4096, running_after);
+            let status = Command::new("sh")
+                .args(["-n", "-c", &script])
+                .status()
+                .expect("sh");
+            assert!(status.success(), "{script}");
+            assert!(script.contains(
+                "fio --name=job --filename=/dev/vda --ioengine=psync --direct=1 --rw=randwrite \
+                 --bs=4k --size=4096 --verify=crc32c"
+            ));
+            assert_eq!(script.contains("E2E io_running="), running_after.is_some());
+        }
     }
 }

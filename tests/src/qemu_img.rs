@@ -86,6 +86,12 @@ pub fn convert_to_qcow2(from: &Path, to: &Path, compress: bool) -> Result<()> {
     run(&args).map(drop)
 }
 
+/// `qemu-img convert`: the qcow2 `image` (its backing chain read through) into a raw `to`,
+/// what a guest sees of it.
+pub fn convert_to_raw(image: &Path, to: &Path) -> Result<()> {
+    run(&["convert", "-f", "qcow2", "-O", "raw", &s(image), &s(to)]).map(drop)
+}
+
 /// `qemu-img check`: no corruption. Leaked clusters (exit code 3) are accepted when
 /// `leaks_allowed` (a daemon killed between an allocation and its flush leaks, by design).
 pub fn check(image: &Path, leaks_allowed: bool) -> Result<String> {

@@ -59,27 +59,20 @@ fn random_read_after_write_on(file: tempfile::NamedTempFile, extra: &[&str]) -> 
         } else {
             0
         };
-        client.copy_in(buf_offset, &data);
-        let buf = client.buf(buf_offset, len);
-        let q = &mut client.queues[0];
-        q.write(offset as u64, buf, len, 0, ReqFlags::empty());
-        assert_eq!(wait_one(q)?, 0, "write of {len} at {offset}");
+        let ret = client.write_at(0, offset as u64, buf_offset, &data)?;
+        assert_eq!(ret, 0, "write of {len} at {offset}");
         model[offset..offset + len].copy_from_slice(&data);
         writes.push((offset, len));
     }
     for &(offset, len) in &writes {
-        let buf = client.buf(1 << 20, len);
-        let q = &mut client.queues[0];
-        q.read(offset as u64, buf, len, 0, ReqFlags::empty());
-        assert_eq!(wait_one(q)?, 0, "read of {len} at {offset}");
+        let (ret, back) = client.read_at(0, offset as u64, 1 << 20, len)?;
+        assert_eq!(ret, 0, "read of {len} at {offset}");
         assert!(
-            client.copy_out(1 << 20, len) == model[offset..offset + len],
+            back == model[offset..offset + len],
             "data at {offset}+{len} differs"
         );
     }
-    let q = &mut client.queues[0];
-    q.flush(0, ReqFlags::empty());
-    assert_eq!(wait_one(q)?, 0, "flush");
+    assert_eq!(client.flush()?, 0, "flush");
     let mut on_disk = vec![0u8; DISK_SIZE as usize];
     file.as_file().read_exact_at(&mut on_disk, 0)?;
     assert!(
@@ -163,6 +156,7 @@ fn large_reads_in_flight_on_tmpfs() -> Result<()> {
 #[test]
 fn polling_without_event_idx() -> Result<()> {
     use vhost_user_tests::{Buf, Negotiate, TestVmm, VIRTIO_RING_F_EVENT_IDX};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
     let file = disk_file(DISK_SIZE)?;
     let daemon = start(file.path(), &["--poll-us", "2000"])?;
     let negotiate = Negotiate {
@@ -173,28 +167,15 @@ fn polling_without_event_idx() -> Result<()> {
     assert_eq!(vmm.acked_features & VIRTIO_RING_F_EVENT_IDX, 0);
     for round in 0..4u8 {
         let sector = u64::from(round) * 8;
-        let (header, status, data) = (
-            vmm.ram.alloc(16, 16),
-            vmm.ram.alloc(1, 1),
-            vmm.ram.alloc(4096, 512),
-        );
-        let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
-        h[8..].copy_from_slice(&sector.to_le_bytes());
-        vmm.ram.write(header, &h)?;
+        let data = vmm.ram.alloc(4096, 512);
         vmm.ram.write(data, &[round + 1; 4096])?;
-        vmm.ram.write(status, &[0xee])?;
-        let (ram, q) = vmm.queue(0);
-        q.submit(
-            ram,
-            &[
-                Buf::readable(header, 16),
-                Buf::readable(data, 4096),
-                Buf::writable(status, 1),
-            ],
+        let status = vmm.blk_request(
+            VIRTIO_BLK_T_OUT,
+            sector,
+            Buf::readable(data, 4096),
+            Duration::from_secs(10),
         )?;
-        q.wait_used(ram, 1, Duration::from_secs(10))?;
-        assert_eq!(ram.read(status, 1)?, [0], "round {round}: write status");
+        assert_eq!(status, 0, "round {round}: write status");
         // Past the poll window the thread sleeps, with notifications on again.
         std::thread::sleep(Duration::from_millis(30));
         let (ram, q) = vmm.queue(0);

@@ -72,26 +72,19 @@ fn random_io(client: &mut Client, model: &mut [u8], rng: &mut StdRng, ops: usize
                 let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
                 // Odd buffer offsets in the region: bounce buffers under O_DIRECT.
                 let at = 512 * rng.gen_range(0..4usize);
-                client.copy_in(at, &data);
-                let buf = client.buf(at, len);
-                let q = &mut client.queues[0];
-                q.write(offset as u64, buf, len, 0, ReqFlags::empty());
-                assert_eq!(wait_one(q)?, 0, "write of {len} at {offset}");
+                let ret = client.write_at(0, offset as u64, at, &data)?;
+                assert_eq!(ret, 0, "write of {len} at {offset}");
                 model[offset..offset + len].copy_from_slice(&data);
             }
         }
-        let buf = client.buf(4 << 20, len);
-        let q = &mut client.queues[0];
-        q.read(offset as u64, buf, len, 0, ReqFlags::empty());
-        assert_eq!(wait_one(q)?, 0, "read of {len} at {offset}");
+        let (ret, back) = client.read_at(0, offset as u64, 4 << 20, len)?;
+        assert_eq!(ret, 0, "read of {len} at {offset}");
         assert!(
-            client.copy_out(4 << 20, len) == model[offset..offset + len],
+            back == model[offset..offset + len],
             "op {op}: data at {offset}+{len} differs right after it was written"
         );
     }
-    let q = &mut client.queues[0];
-    q.flush(0, ReqFlags::empty());
-    assert_eq!(wait_one(q)?, 0, "flush");
+    assert_eq!(client.flush()?, 0, "flush");
     read_all_and_compare(client, model)
 }
 
@@ -313,15 +306,9 @@ fn qcow2_sigkill_during_writes_leaves_a_consistent_image() -> Result<()> {
     // The first 8 MiB: written and flushed.
     let flushed = pattern(FLUSHED, 0x77);
     for (i, chunk) in flushed.chunks(1 << 20).enumerate() {
-        client.copy_in(0, chunk);
-        let buf = client.buf(0, chunk.len());
-        let q = &mut client.queues[0];
-        q.write((i << 20) as u64, buf, chunk.len(), 0, ReqFlags::empty());
-        assert_eq!(wait_one(q)?, 0);
+        assert_eq!(client.write_at(0, (i << 20) as u64, 0, chunk)?, 0);
     }
-    let q = &mut client.queues[0];
-    q.flush(0, ReqFlags::empty());
-    assert_eq!(wait_one(q)?, 0, "flush");
+    assert_eq!(client.flush()?, 0, "flush");
     // Then random writes after it on both queues, many in flight, until the kill.
     let region = client.region;
     let queues = std::mem::take(&mut client.queues);
@@ -387,13 +374,8 @@ fn qcow2_data_written_reads_back_in_qemu_img() -> Result<()> {
     let daemon = start(&image, &[])?;
     let mut client = Client::connect(&daemon.socket, 1)?;
     let data = pattern(3 << 20, 0x42);
-    client.copy_in(0, &data);
-    let buf = client.buf(0, data.len());
-    let q = &mut client.queues[0];
-    q.write(5 << 20, buf, data.len(), 0, ReqFlags::empty());
-    assert_eq!(wait_one(q)?, 0);
-    q.flush(0, ReqFlags::empty());
-    assert_eq!(wait_one(q)?, 0);
+    assert_eq!(client.write_at(0, 5 << 20, 0, &data)?, 0);
+    assert_eq!(client.flush()?, 0);
     // After a flush the image is consistent even while the daemon still runs.
     let out = dir.path().join("out.raw");
     qemu_img::run(&[
@@ -508,6 +490,7 @@ fn qcow2_new_l2_tables_survive_sigkill_with_the_write_cache_on() -> Result<()> {
 
 fn kill_after_scattered_writes(writeback: bool) -> Result<()> {
     use vhost_user_tests::{Buf, Negotiate, TestVmm};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
     const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
     let (_dir, image) = fresh("cluster_size=4096")?;
     let mut daemon = start(&image, &[])?;
@@ -521,31 +504,18 @@ fn kill_after_scattered_writes(writeback: bool) -> Result<()> {
     };
     let mut vmm = TestVmm::connect(&daemon.socket, 64 << 20, 1, 256, negotiate)?;
     assert_eq!(vmm.acked_features & VIRTIO_BLK_F_FLUSH != 0, writeback);
-    let (header, status, data) = (
-        vmm.ram.alloc(16, 16),
-        vmm.ram.alloc(1, 1),
-        vmm.ram.alloc(8192, 512),
-    );
+    let data = vmm.ram.alloc(8192, 512);
     // Scattered sectors: each write allocates a cluster (and, far apart, L2 tables).
     let sectors: Vec<u64> = (0..24u64).map(|i| i * 5003 % (SIZE / 512 - 16)).collect();
     for (n, &sector) in sectors.iter().enumerate() {
-        let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
-        h[8..].copy_from_slice(&sector.to_le_bytes());
-        vmm.ram.write(header, &h)?;
         vmm.ram.write(data, &pattern(8192, n as u8))?;
-        vmm.ram.write(status, &[0xee])?;
-        let (ram, q) = vmm.queue(0);
-        q.submit(
-            ram,
-            &[
-                Buf::readable(header, 16),
-                Buf::readable(data, 8192),
-                Buf::writable(status, 1),
-            ],
+        let status = vmm.blk_request(
+            VIRTIO_BLK_T_OUT,
+            sector,
+            Buf::readable(data, 8192),
+            Duration::from_secs(10),
         )?;
-        q.wait_used(ram, 1, Duration::from_secs(10))?;
-        assert_eq!(ram.read(status, 1)?, [0], "write {n}: status");
+        assert_eq!(status, 0, "write {n}: status");
     }
     let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
@@ -559,15 +529,7 @@ fn kill_after_scattered_writes(writeback: bool) -> Result<()> {
     }
     assert!(!report.contains("Leaked"), "{report}");
     let flat = image.with_extension("raw");
-    qemu_img::run(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        &image.to_string_lossy(),
-        &flat.to_string_lossy(),
-    ])?;
+    qemu_img::convert_to_raw(&image, &flat)?;
     let file = std::fs::File::open(&flat)?;
     for (n, &sector) in sectors.iter().enumerate() {
         let mut back = vec![0u8; 8192];

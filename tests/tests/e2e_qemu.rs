@@ -22,7 +22,7 @@ use vhost_user_tests::guest::{Guest, GuestKernel};
 use vhost_user_tests::migration::{self, Qmp};
 use vhost_user_tests::netns::{require_root, Background, Netns};
 use vhost_user_tests::qemu::{
-    ensure, FioTerse, GuestOutput, Logs, Qemu, QemuVersion, Vm, VmConfig,
+    ensure, fio_verify_script, FioTerse, GuestOutput, Logs, Qemu, QemuVersion, Vm, VmConfig,
 };
 use vhost_user_tests::{Daemon, Result};
 
@@ -122,6 +122,8 @@ const DISK_SIZE: u64 = 256 << 20;
 const BLK_SERIAL: &str = "E2E-SERIAL-0042";
 /// fio's verified random writes cover [0, FIO_SIZE).
 const FIO_SIZE: u64 = 32 << 20;
+/// fio's engine in the verified jobs that run to the end before the guest goes on.
+const FIO_URING: &str = "--ioengine=io_uring --iodepth=16";
 /// The guest writes a known pattern here with dd...
 const PATTERN_OFFSET: u64 = 64 << 20;
 const PATTERN_LEN: usize = 8192;
@@ -138,18 +140,6 @@ fn make_disk(dir: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
     file.set_len(DISK_SIZE)?;
     file.write_all_at(format!("host-seeded-{tag}\n").as_bytes(), SEED_OFFSET)?;
     Ok(path)
-}
-/// Guest script lines: fio writes `size` bytes at random with crc32c and verifies them, then
-/// reports its exit status and terse result (`E2E fio_rc`, `E2E fio`) for [`FioTerse`].
-fn fio_verify_script(size: u64) -> String {
-    format!(
-        r#"fio --name=verify --filename=/dev/vda --ioengine=io_uring --iodepth=16 --direct=1 \
-    --rw=randwrite --bs=4k --size={size} --verify=crc32c --do_verify=1 \
-    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err
-echo "E2E fio_rc=$?"
-echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
-cat /tmp/fio.err"#
-    )
 }
 
 /// Guest shell lines that report the seeded line the guest reads through the daemon.
@@ -178,11 +168,7 @@ matrix!(
                 BLK_SERIAL,
             ],
         )?;
-        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
-        logs.note_command(&format!(
-            "{BLK} --socket-path {} --file {disk_arg} --num-queues 2 --serial {BLK_SERIAL}",
-            daemon.socket.display()
-        ));
+        let _keep = logs.keep(&daemon, "vhost-user-blk.log");
 
         let pattern_block = PATTERN_OFFSET / 4096;
         let script = format!(
@@ -211,7 +197,7 @@ n=0; while [ ! -e /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 dd if=/dev/vda bs=4096 skip={pattern_block} count={pattern_blocks} iflag=direct 2>/dev/null | cmp - /tmp/pattern
 echo "E2E after_reset_readback_rc=$?"
 "#,
-            fio = fio_verify_script(FIO_SIZE),
+            fio = fio_verify_script("verify", FIO_URING, FIO_SIZE, None),
             seed = read_seed_script(),
             pattern_blocks = PATTERN_LEN / 4096,
             discard_mib = DISCARD_OFFSET >> 20,
@@ -258,25 +244,7 @@ echo "E2E after_reset_readback_rc=$?"
         })?;
 
         // fio: verified random writes through both queues.
-        let fio = FioTerse::parse(out.get("fio")?)?;
-        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
-            format!(
-                "fio failed: rc {:?}, error {}",
-                out.get("fio_rc"),
-                fio.error()
-            )
-        })?;
-        ensure(
-            fio.write_kib() == FIO_SIZE / 1024 && fio.read_kib() == FIO_SIZE / 1024,
-            || {
-                format!(
-                    "fio wrote {} KiB and verified {} KiB, expected {} each",
-                    fio.write_kib(),
-                    fio.read_kib(),
-                    FIO_SIZE / 1024
-                )
-            },
-        )?;
+        let fio = FioTerse::verified_job(&out, FIO_SIZE)?;
         eprintln!(
             "blk: fio 4k randwrite+verify (io_uring, iodepth 16): write {:.0} IOPS ({:.1} MiB/s), verify read {:.0} IOPS ({:.1} MiB/s); boot+run {boot_s:.1} s",
             fio.write_iops(),
@@ -354,12 +322,7 @@ matrix!(
         let top_arg = top.to_string_lossy().into_owned();
         let args = ["--file", &top_arg, "--format", "qcow2", "--num-queues", "2"];
         let mut daemon = Daemon::start(BLK, &args)?;
-        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
-        logs.note_command(&format!(
-            "{BLK} --socket-path {} {}",
-            daemon.socket.display(),
-            args.join(" ")
-        ));
+        let _keep = logs.keep(&daemon, "vhost-user-blk.log");
         let pattern_block = PATTERN_OFFSET / 4096;
         let script = format!(
             r#"echo "E2E size_sectors=$(cat /sys/block/vda/size)"
@@ -374,7 +337,7 @@ echo "E2E discard_rc=$?"
 sync
 echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
 "#,
-            fio = fio_verify_script(FIO_SIZE),
+            fio = fio_verify_script("verify", FIO_URING, FIO_SIZE, None),
             seed = read_seed_script(),
             pattern_blocks = PATTERN_LEN / 4096,
         );
@@ -394,14 +357,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
                 out.get("host_seed")
             )
         })?;
-        let fio = FioTerse::parse(out.get("fio")?)?;
-        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
-            format!("fio failed: rc {:?}, error {}", out.get("fio_rc"), fio.error())
-        })?;
-        ensure(
-            fio.write_kib() == FIO_SIZE / 1024 && fio.read_kib() == FIO_SIZE / 1024,
-            || format!("fio wrote {} KiB, verified {} KiB", fio.write_kib(), fio.read_kib()),
-        )?;
+        let fio = FioTerse::verified_job(&out, FIO_SIZE)?;
         eprintln!(
             "blk qcow2: fio 4k randwrite+verify (io_uring, iodepth 16): write {:.0} IOPS, verify read {:.0} IOPS",
             fio.write_iops(),
@@ -418,15 +374,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         ensure(fs::read(&base)? == base_before, || "the backing file changed".into())?;
         qemu_img::check(&top, false)?;
         let flat = dir.path().join("flat.raw");
-        qemu_img::run(&[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            &top_arg,
-            &flat.to_string_lossy(),
-        ])?;
+        qemu_img::convert_to_raw(&top, &flat)?;
         ensure(
             read_at(&flat, PATTERN_OFFSET, PATTERN_LEN)? == yes_pattern(&tag, PATTERN_LEN),
             || "qemu-img reads another pattern from the top image".into(),
@@ -452,7 +400,7 @@ matrix!(
             .write_all_at(&first_block, 0)?;
         let disk_arg = disk.to_string_lossy().into_owned();
         let daemon = Daemon::start(BLK, &["--file", &disk_arg, "--readonly"])?;
-        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
+        let _keep = logs.keep(&daemon, "vhost-user-blk.log");
 
         let script = format!(
             r#"echo "E2E ro=$(cat /sys/block/vda/ro)"
@@ -524,31 +472,19 @@ matrix!(
         let socket = dir.path().join("blk.sock");
         let args = ["--file", disk_arg.as_str(), "--num-queues", "2"];
         let mut first = Daemon::start_at(BLK, &args, socket.clone(), tempfile::tempdir()?)?;
-        let _keep_first = logs.keep(&first.log, "vhost-user-blk.first.log");
+        let _keep_first = logs.keep(&first, "vhost-user-blk.first.log");
 
         let fio_size: u64 = 48 << 20;
         let after_offset: u64 = 96 << 20;
         let script = format!(
-            r#"fio --name=restart --filename=/dev/vda --ioengine=psync --direct=1 --rw=randwrite \
-    --bs=4k --size={fio_size} --verify=crc32c --do_verify=1 \
-    --output-format=terse --terse-version=3 > /tmp/fio.out 2> /tmp/fio.err &
-FIO=$!
-n=0
-while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" -lt 2000 ] && kill -0 $FIO 2>/dev/null && [ $n -lt 600 ]; do
-    sleep 0.1; n=$((n + 1))
-done
-echo "E2E io_running=$(awk '{{print $5}}' /sys/block/vda/stat)"
-wait $FIO
-echo "E2E fio_rc=$?"
-echo "E2E fio=$(grep '^3;' /tmp/fio.out)"
-cat /tmp/fio.err
-yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
+            r#"{fio}yes {tag} | head -c {PATTERN_LEN} > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vda bs=4096 seek={after_block} oflag=direct conv=fsync 2>/dev/null
 echo "E2E after_write_rc=$?"
 dd if=/dev/vda bs=4096 skip={after_block} count={blocks} iflag=direct 2>/dev/null | cmp - /tmp/pattern
 echo "E2E after_readback_rc=$?"
 echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
 "#,
+            fio = fio_verify_script("restart", "--ioengine=psync", fio_size, Some(2000)),
             after_block = after_offset / 4096,
             blocks = PATTERN_LEN / 4096,
         );
@@ -568,7 +504,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         );
         std::thread::sleep(Duration::from_secs(1));
         let second = Daemon::start_at(BLK, &args, socket.clone(), tempfile::tempdir()?)?;
-        let _keep_second = logs.keep(&second.log, "vhost-user-blk.second.log");
+        let _keep_second = logs.keep(&second, "vhost-user-blk.second.log");
         let out = vm.finish(BOOT_TIMEOUT, &|| false)?;
         drop(vm);
         eprintln!(
@@ -579,25 +515,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         ensure(second.log_text().contains("frontend connected"), || {
             "QEMU never reconnected to the restarted daemon".into()
         })?;
-        let fio = FioTerse::parse(out.get("fio")?)?;
-        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
-            format!(
-                "fio failed across the restart: rc {:?}, error {}",
-                out.get("fio_rc"),
-                fio.error()
-            )
-        })?;
-        ensure(
-            fio.write_kib() == fio_size / 1024 && fio.read_kib() == fio_size / 1024,
-            || {
-                format!(
-                    "fio wrote {} KiB and verified {} KiB, expected {} each",
-                    fio.write_kib(),
-                    fio.read_kib(),
-                    fio_size / 1024
-                )
-            },
-        )?;
+        let fio = FioTerse::verified_job(&out, fio_size)?;
         // One request waited out the outage: the job really spanned the restart.
         let stall_ms = fio.write_clat_max_us().max(fio.read_clat_max_us()) / 1000.0;
         eprintln!(
@@ -806,14 +724,12 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
     source_config.qmp = Some(source_qmp.clone());
     let destination_config = source_config.migration_target("destination", &destination_qmp, &uri);
     let (source_config, source_blk) = attach_blk(source_config, peer, &disk, "source", logs)?;
-    let _keep_source = source_blk
-        .as_ref()
-        .map(|d| logs.keep(&d.log, "blk.source.log"));
+    let _keep_source = source_blk.as_ref().map(|d| logs.keep(d, "blk.source.log"));
     let (destination_config, destination_blk) =
         attach_blk(destination_config, peer, &disk, "destination", logs)?;
     let _keep_destination = destination_blk
         .as_ref()
-        .map(|d| logs.keep(&d.log, "blk.destination.log"));
+        .map(|d| logs.keep(d, "blk.destination.log"));
     let mut destination = Vm::start(guest, &destination_config, logs)?;
     let mut source = Vm::start(guest, &source_config, logs)?;
     let mut source_qmp = Qmp::connect(&source_qmp, Duration::from_secs(30))?;
@@ -1088,13 +1004,7 @@ fn net_end_to_end(logs: &Logs, guest: &Guest, qemu: &Qemu, pairs: u16) -> Result
         host_cidr.as_str(),
     ];
     let daemon = Daemon::start_with_prefix(&ns.prefix(), NET, &daemon_args)?;
-    let _keep = logs.keep(&daemon.log, "vhost-user-net.log");
-    logs.note_command(&format!(
-        "ip netns exec {} {NET} --socket-path {} {}",
-        ns.name,
-        daemon.socket.display(),
-        daemon_args.join(" ")
-    ));
+    let _keep = logs.keep(&daemon, "vhost-user-net.log");
     let mut servers: Vec<Background> = Vec::new();
     for i in 0..pairs {
         let port = (IPERF_PORT + i).to_string();
@@ -1237,14 +1147,8 @@ fn signed_ms(from: Instant, to: Instant) -> f64 {
 /// tap (SEND_RARP), the bridge then forwards the flows to the new port, and they continue.
 fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
     use vhost_user_tests::migration::{Capture, MigratingVm, PacedSender, PingStream};
-    let ns = Netns::new("vumig")?;
-    // No IPv6 (its autoconfiguration traffic only adds noise to the capture).
-    ns.exec(&[
-        "sh",
-        "-c",
-        "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
-         echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
-    ])?;
+    // No IPv6: its autoconfiguration traffic only adds noise to the capture.
+    let ns = Netns::without_ipv6("vumig")?;
     ns.exec(&["ip", "link", "add", MIG_BRIDGE, "type", "bridge"])?;
     ns.exec(&[
         "ip",
@@ -1267,19 +1171,13 @@ fn net_migration(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
             "--up",
         ];
         let daemon = Daemon::start_with_prefix(&ns.prefix(), NET, &args)?;
-        logs.note_command(&format!(
-            "ip netns exec {} {NET} --socket-path {} {}",
-            ns.name,
-            daemon.socket.display(),
-            args.join(" ")
-        ));
         ns.exec(&["ip", "link", "set", tap, "master", MIG_BRIDGE])?;
         Ok(daemon)
     };
     let source_daemon = start_daemon(MIG_SOURCE_TAP)?;
-    let _keep_source = logs.keep(&source_daemon.log, "vhost-user-net-source.log");
+    let _keep_source = logs.keep(&source_daemon, "vhost-user-net-source.log");
     let destination_daemon = start_daemon(MIG_DESTINATION_TAP)?;
-    let _keep_destination = logs.keep(&destination_daemon.log, "vhost-user-net-destination.log");
+    let _keep_destination = logs.keep(&destination_daemon, "vhost-user-net-destination.log");
 
     let name = logs
         .dir
@@ -1799,12 +1697,7 @@ fn console_end_to_end(logs: &Logs, guest: &Guest, qemu: &Qemu) -> Result<()> {
         port_arg.as_str(),
     ];
     let daemon = Daemon::start_at(CONSOLE, &args, socket.clone(), tempfile::tempdir()?)?;
-    let _keep = logs.keep(&daemon.log, "vhost-user-console.log");
-    logs.note_command(&format!(
-        "{CONSOLE} --socket-path {} {}",
-        socket.display(),
-        args.join(" ")
-    ));
+    let _keep = logs.keep(&daemon, "vhost-user-console.log");
     let agent_client = std::os::unix::net::UnixStream::connect(&agent)?;
     agent_client.set_nonblocking(true)?;
     let mut agent_client = Received::new(agent_client);
@@ -1991,7 +1884,7 @@ fn console_migration_is_refused_by_qemu11() {
                 socket.clone(),
                 tempfile::tempdir()?,
             )?;
-            let _keep = logs.keep(&daemon.log, "vhost-user-console.log");
+            let _keep = logs.keep(&daemon, "vhost-user-console.log");
             let qmp = dir.path().join("qmp.sock");
             let mut config = VmConfig::new(qemu, "sleep 1000\n").console(&socket, 1, false)?;
             config.devices.extend([
@@ -2040,8 +1933,7 @@ matrix!(
             "--rbd", &spec, "--rbd-conf", &conf, "--rbd-keyring", &keyring, "--num-queues", "2",
         ];
         let mut daemon = Daemon::start(BLK, &args)?;
-        let _keep = logs.keep(&daemon.log, "vhost-user-blk.log");
-        logs.note_command(&format!("{BLK} --socket-path {} {}", daemon.socket.display(), args.join(" ")));
+        let _keep = logs.keep(&daemon, "vhost-user-blk.log");
         daemon.wait_for_log("librbd engine", Duration::from_secs(60))?;
         let tag = random_tag();
         let pattern_block = PATTERN_OFFSET / 4096;
@@ -2053,7 +1945,7 @@ dd if=/tmp/pattern of=/dev/vda bs=4096 seek={pattern_block} oflag=direct conv=fs
 echo "E2E pattern_write_rc=$?"
 echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
 "#,
-            fio = fio_verify_script(FIO_SIZE)
+            fio = fio_verify_script("verify", FIO_URING, FIO_SIZE, None)
         );
         let config = VmConfig::new(qemu, script).blk(&daemon.socket, 2, false);
         let mut vm = Vm::start(guest, &config, logs)?;
@@ -2062,13 +1954,7 @@ echo "E2E io_errors=$(dmesg | grep -c -i 'I/O error')"
         ensure(out.get_u64("size_sectors")? == DISK_SIZE / 512, || {
             format!("guest sees {:?} sectors", out.get("size_sectors"))
         })?;
-        let fio = FioTerse::parse(out.get("fio")?)?;
-        ensure(out.get_u64("fio_rc")? == 0 && fio.error() == 0, || {
-            format!("fio failed: rc {:?}, error {}", out.get("fio_rc"), fio.error())
-        })?;
-        ensure(fio.read_kib() == FIO_SIZE / 1024, || {
-            format!("fio verified {} KiB, expected {}", fio.read_kib(), FIO_SIZE / 1024)
-        })?;
+        let fio = FioTerse::verified_job(&out, FIO_SIZE)?;
         eprintln!(
             "blk rbd: fio 4k randwrite+verify (io_uring, iodepth 16): write {:.0} IOPS, verify read {:.0} IOPS",
             fio.write_iops(),

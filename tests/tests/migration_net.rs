@@ -12,14 +12,13 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::VhostBackend;
 use vhost_user_tests::migration::{pages_of, send_rarp, DirtyLog, VHOST_F_LOG_ALL};
-use vhost_user_tests::netns::{packet_socket, require_root, Netns};
+use vhost_user_tests::netns::{require_root, Netns, PacketSocket};
 use vhost_user_tests::{Buf, Daemon, GuestRam, Negotiate, Result, TestVmm, Used};
 
 const RAM: u64 = 64 << 20;
@@ -152,15 +151,9 @@ fn assert_pages(what: &str, got: &BTreeSet<u64>, want: &BTreeSet<u64>) {
 
 /// A namespace without IPv6 (no router solicitations or MLD reports reach the guest's buffers
 /// uninvited), the daemon in it on tap `vunmig0`, and a packet socket on the tap.
-fn net_setup(pairs: u16) -> Result<(Netns, Daemon, OwnedFd)> {
+fn net_setup(pairs: u16) -> Result<(Netns, Daemon, PacketSocket)> {
     require_root("the net migration tests")?;
-    let ns = Netns::new("vunmig")?;
-    ns.exec(&[
-        "sh",
-        "-c",
-        "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
-         echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
-    ])?;
+    let ns = Netns::without_ipv6("vunmig")?;
     let pairs = pairs.to_string();
     let daemon = Daemon::start_with_prefix(
         &ns.prefix(),
@@ -175,7 +168,7 @@ fn net_setup(pairs: u16) -> Result<(Netns, Daemon, OwnedFd)> {
             "--up",
         ],
     )?;
-    let sock = packet_socket(&ns.name, TAP, libc::ETH_P_ALL as u16, libc::SOCK_NONBLOCK)?;
+    let sock = PacketSocket::open(&ns, TAP)?;
     Ok((ns, daemon, sock))
 }
 
@@ -189,47 +182,6 @@ fn wait_for_log(daemon: &Daemon, text: &str, times: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
-}
-
-/// Sends `frame` out of the tap, towards the guest.
-fn send_frame(sock: &OwnedFd, frame: &[u8]) -> Result<()> {
-    // SAFETY: `frame` is valid for reads of its length during the call.
-    let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    if n != frame.len() as isize {
-        return Err(format!("send: {}", std::io::Error::last_os_error()).into());
-    }
-    Ok(())
-}
-
-/// Frames that arrive on the tap from the daemon's side within `timeout`.
-fn receive_frames(sock: &OwnedFd, timeout: Duration) -> Result<Vec<Vec<u8>>> {
-    let deadline = Instant::now() + timeout;
-    let mut frames = Vec::new();
-    let mut buf = vec![0u8; 70_000];
-    while Instant::now() < deadline {
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        // SAFETY: `buf` and `from` are valid for writes of the lengths passed.
-        let n = unsafe {
-            libc::recvfrom(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut libc::sockaddr_ll).cast(),
-                &mut from_len,
-            )
-        };
-        if n >= 0 {
-            if from.sll_pkttype != libc::PACKET_OUTGOING {
-                frames.push(buf[..n as usize].to_vec());
-            }
-            continue;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(frames)
 }
 
 /// An Ethernet frame to the guest: IPv4 with a payload of `len` bytes numbered by `seed`.
@@ -273,7 +225,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
 
     // Before LOG_ALL: the log is mapped but nothing is marked.
     let early = frame_to_guest(1000, 1);
-    send_frame(&sock, &early)?;
+    sock.send(&early)?;
     let want = if mergeable { 2 } else { 1 };
     let (used, _) = rx.wait(&mut vmm, want)?;
     assert_eq!(rx.bytes(&vmm.ram, &used)?[HDR_LEN..], early[..]);
@@ -286,7 +238,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     // Frames of several sizes: one or two buffers with merging, one page or two of payload.
     for (n, len) in [100usize, 600, 1400].into_iter().enumerate() {
         let f = frame_to_guest(len, n as u8 + 2);
-        send_frame(&sock, &f)?;
+        sock.send(&f)?;
         sent.push(f);
     }
     let total: usize = sent
@@ -328,7 +280,7 @@ fn net_rx_marks_exactly_what_it_wrote(mergeable: bool) -> Result<()> {
     // QEMU clears LOG_ALL when the migration ends: logging stops.
     log.clear()?;
     vmm.log_all(false)?;
-    send_frame(&sock, &frame_to_guest(300, 9))?;
+    sock.send(&frame_to_guest(300, 9))?;
     rx.wait(&mut vmm, 1)?;
     std::thread::sleep(Duration::from_millis(100));
     assert_pages("after LOG_ALL is cleared", &dirty(&log)?, &BTreeSet::new());
@@ -364,7 +316,7 @@ fn net_tx_marks_only_the_used_ring() -> Result<()> {
     let (ram, q) = vmm.queue(1);
     q.submit(ram, &[Buf::readable(gpa, frame.len() as u32)])?;
     q.wait_used(ram, 1, TIMEOUT)?;
-    let got = receive_frames(&sock, Duration::from_millis(300))?;
+    let got = sock.receive(usize::MAX, Duration::from_millis(300))?;
     assert!(
         got.iter().any(|f| f[..] == frame[HDR_LEN..]),
         "the frame did not reach the tap"
@@ -419,7 +371,7 @@ fn send_rarp_puts_a_rarp_for_the_mac_on_the_tap() -> Result<()> {
     };
     assert_eq!(send_rarp(&vmm.frontend, mac)?, 0, "SEND_RARP refused");
     check(
-        receive_frames(&sock, Duration::from_millis(300))?,
+        sock.receive(usize::MAX, Duration::from_millis(300))?,
         "rings stopped",
     )?;
     wait_for_log(&daemon, "announced 52:54:00:ab:cd:ef", 1)?;
@@ -435,12 +387,12 @@ fn send_rarp_puts_a_rarp_for_the_mac_on_the_tap() -> Result<()> {
     wait_for_log(&daemon, "pair 0: tap queue attached", 2)?;
     assert_eq!(send_rarp(&vmm.frontend, mac)?, 0, "SEND_RARP refused");
     check(
-        receive_frames(&sock, Duration::from_millis(300))?,
+        sock.receive(usize::MAX, Duration::from_millis(300))?,
         "rings running",
     )?;
     // The tap queue stayed attached: frames still reach the guest.
     let f = frame_to_guest(64, 3);
-    send_frame(&sock, &f)?;
+    sock.send(&f)?;
     let (used, _) = rx.wait(&mut vmm, 1)?;
     assert_eq!(rx.bytes(&vmm.ram, &used)?[HDR_LEN..], f[..]);
     assert!(daemon.log_text().contains("frontend connected"));

@@ -6,12 +6,11 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::VhostUserFrontend;
+use vhost_user_tests::netns::{internet_checksum, Netns, PacketSocket};
 use vhost_user_tests::*;
 
 const BIN: &str = "vhost-user-net";
@@ -28,67 +27,10 @@ const RAM: u64 = 64 << 20;
 const QUEUE_SIZE: u16 = 256;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Result<Netns> {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "vun-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run_ok("ip", &["netns", "add", &name])?;
-        let ns = Netns { name };
-        // No IPv6 on the tap: no router solicitations or MLD reports among the test frames.
-        let _ = ns.exec(&[
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
-             echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
-        ]);
-        Ok(ns)
-    }
-
-    fn prefix(&self) -> [&str; 4] {
-        ["ip", "netns", "exec", &self.name]
-    }
-
-    /// Runs a command inside the namespace and returns its stdout.
-    fn exec(&self, args: &[&str]) -> Result<String> {
-        let mut full: Vec<&str> = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run_ok("ip", &full)
-    }
-
-    fn tap_counter(&self, name: &str) -> Result<u64> {
-        let path = format!("/sys/class/net/{TAP}/statistics/{name}");
-        Ok(self.exec(&["cat", &path])?.trim().parse()?)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run_ok(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {args:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Counter `name` of the tap (`/sys/class/net/TAP/statistics/NAME`) inside `ns`.
+fn tap_counter(ns: &Netns, name: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{TAP}/statistics/{name}");
+    Ok(ns.exec(&["cat", &path])?.trim().parse()?)
 }
 
 fn start_daemon(ns: &Netns, pairs: usize, extra: &[&str]) -> Result<Daemon> {
@@ -106,99 +48,6 @@ fn start_daemon(ns: &Netns, pairs: usize, extra: &[&str]) -> Result<Daemon> {
     Daemon::start_with_prefix(&ns.prefix(), BIN, &args)
 }
 
-/// Waits until the daemon's log contains `text`.
-fn wait_for_log(daemon: &Daemon, text: &str) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    while !daemon.log_text().contains(text) {
-        if Instant::now() > deadline {
-            return Err(format!("daemon never logged {text:?}:\n{}", daemon.log_text()).into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
-/// An AF_PACKET socket bound to the tap inside a namespace: what the host network sees.
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    fn open(ns: &Netns, ifname: &str) -> Result<PacketSocket> {
-        let fd = vhost_user_tests::netns::packet_socket(
-            &ns.name,
-            ifname,
-            libc::ETH_P_ALL as u16,
-            libc::SOCK_NONBLOCK,
-        )?;
-        Ok(PacketSocket { fd })
-    }
-
-    /// Sends `frame` out of the tap, i.e. towards the guest.
-    fn send(&self, frame: &[u8]) -> Result<()> {
-        // SAFETY: `frame` is valid for reads of `frame.len()` bytes during the call.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        if n != frame.len() as isize {
-            return Err(format!("send: {}", std::io::Error::last_os_error()).into());
-        }
-        Ok(())
-    }
-
-    /// Frames the tap received (from the guest), up to `count`, within `timeout`.
-    fn receive(&self, count: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
-        let deadline = Instant::now() + timeout;
-        let mut frames = Vec::new();
-        let mut buf = vec![0u8; 70_000];
-        while frames.len() < count {
-            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: `buf` and `from` are valid for writes of the lengths passed.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut from_len,
-                )
-            };
-            if n >= 0 {
-                if from.sll_pkttype != libc::PACKET_OUTGOING {
-                    frames.push(buf[..n as usize].to_vec());
-                }
-                continue;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            let mut fds = [libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            let wait = (deadline - now).as_millis().min(100) as i32;
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, wait) };
-        }
-        Ok(frames)
-    }
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An Ethernet/IPv4/UDP frame whose flow (and so tap queue) depends on `port`.
 fn udp_frame(dst: [u8; 6], src: [u8; 6], port: u16, payload_len: usize) -> Vec<u8> {
     let mut f = Vec::with_capacity(42 + payload_len);
@@ -211,7 +60,7 @@ fn udp_frame(dst: [u8; 6], src: [u8; 6], port: u16, payload_len: usize) -> Vec<u
     ip[4..6].copy_from_slice(&port.to_be_bytes());
     ip.extend_from_slice(&[10, 77, 0, 2]);
     ip.extend_from_slice(&[10, 77, 0, 1]);
-    let sum = checksum(&ip);
+    let sum = internet_checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&port.to_be_bytes());
@@ -382,8 +231,8 @@ fn print_capabilities_and_bad_arguments() -> Result<()> {
 
 #[test]
 fn features_config_and_offloads() -> Result<()> {
-    let ns = Netns::new()?;
-    let daemon = start_daemon(&ns, 2, &["--mtu", "1400"])?;
+    let ns = Netns::without_ipv6("vun-test")?;
+    let mut daemon = start_daemon(&ns, 2, &["--mtu", "1400"])?;
     let mut vmm = TestVmm::connect(&daemon.socket, RAM, 4, QUEUE_SIZE, Negotiate::default())?;
     assert_ne!(vmm.offered_features & VIRTIO_NET_F_MQ, 0);
     assert_ne!(vmm.offered_features & VIRTIO_NET_F_MRG_RXBUF, 0);
@@ -399,7 +248,7 @@ fn features_config_and_offloads() -> Result<()> {
     assert_eq!(u16::from_le_bytes([config[10], config[11]]), 1400, "mtu");
     // The tap got the MTU, and the guest's receive offloads.
     assert!(ns.exec(&["ip", "link", "show", TAP])?.contains("mtu 1400"));
-    wait_for_log(&daemon, "tap offloads 0x")?;
+    daemon.wait_for_log("tap offloads 0x", TIMEOUT)?;
     let log = daemon.log_text();
     assert!(
         log.contains("tap offloads 0x1f") || log.contains("tap offloads 0xf "),
@@ -409,7 +258,7 @@ fn features_config_and_offloads() -> Result<()> {
 }
 
 fn tx_reaches_tap(pairs: usize) -> Result<()> {
-    let ns = Netns::new()?;
+    let ns = Netns::without_ipv6("vun-test")?;
     let daemon = start_daemon(&ns, pairs, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     let mut vmm = TestVmm::connect(
@@ -440,6 +289,40 @@ fn tx_reaches_tap(pairs: usize) -> Result<()> {
     Ok(())
 }
 
+/// After a live migration a transmit ring starts with frames the guest made available, and
+/// kicked for, on the source: it will not kick for them again. vhost-user-backend handles a
+/// newly registered ring as if kicked; this keeps us honest across its upgrades.
+#[test]
+fn frames_available_before_the_ring_starts_go_out_without_a_kick() -> Result<()> {
+    let ns = Netns::without_ipv6("vun-test")?;
+    let daemon = start_daemon(&ns, 1, &[])?;
+    let sock = PacketSocket::open(&ns, TAP)?;
+    let mut vmm = TestVmm::connect_unstarted(&daemon.socket, RAM, 2, Negotiate::default())?;
+    vmm.start_queue(0, QUEUE_SIZE)?;
+    // Configured (addresses, base, call and kick eventfds) but not yet enabled.
+    vmm.start_queue_with(1, QUEUE_SIZE, false)?;
+    let frame = udp_frame(HOST_MAC, GUEST_MAC, 9, 200);
+    let hdr = vmm.ram.alloc(HDR_LEN as u64, 16);
+    vmm.ram.write(hdr, &[0u8; HDR_LEN])?;
+    let data = vmm.ram.alloc(frame.len() as u64, 16);
+    vmm.ram.write(data, &frame)?;
+    let (ram, q) = vmm.queue(1);
+    let head = q.add_chain(
+        ram,
+        &[
+            Buf::readable(hdr, HDR_LEN as u32),
+            Buf::readable(data, frame.len() as u32),
+        ],
+    )?;
+    q.publish(ram, head)?;
+    vmm.frontend.set_vring_enable(1, true)?;
+    let (ram, q) = vmm.queue(1);
+    let used = q.wait_used(ram, 1, TIMEOUT)?;
+    assert_eq!((used[0].id, used[0].len), (head, 0));
+    assert_eq!(sock.receive(1, TIMEOUT)?, vec![frame]);
+    Ok(())
+}
+
 #[test]
 fn tx_frames_reach_the_tap_byte_for_byte() -> Result<()> {
     tx_reaches_tap(1)
@@ -451,8 +334,8 @@ fn tx_frames_from_every_pair_reach_the_tap() -> Result<()> {
 }
 
 fn rx_reaches_every_pair(mergeable: bool) -> Result<()> {
-    let ns = Netns::new()?;
-    let daemon = start_daemon(&ns, 2, &[])?;
+    let ns = Netns::without_ipv6("vun-test")?;
+    let mut daemon = start_daemon(&ns, 2, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     let mut vmm = TestVmm::connect(&daemon.socket, RAM, 4, QUEUE_SIZE, negotiate(mergeable))?;
     assert_eq!(vmm.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0, mergeable);
@@ -461,8 +344,8 @@ fn rx_reaches_every_pair(mergeable: bool) -> Result<()> {
     for q in [0, 2] {
         rx.post(&mut vmm, q, 200, buf_len)?;
     }
-    wait_for_log(&daemon, "pair 0: tap queue attached")?;
-    wait_for_log(&daemon, "pair 1: tap queue attached")?;
+    daemon.wait_for_log("pair 0: tap queue attached", TIMEOUT)?;
+    daemon.wait_for_log("pair 1: tap queue attached", TIMEOUT)?;
     let mut sent = Vec::new();
     for port in 0..40u16 {
         let frame = udp_frame(
@@ -512,13 +395,13 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 
 #[test]
 fn rx_waits_in_the_tap_when_the_guest_has_no_buffers() -> Result<()> {
-    let ns = Netns::new()?;
-    let daemon = start_daemon(&ns, 1, &[])?;
+    let ns = Netns::without_ipv6("vun-test")?;
+    let mut daemon = start_daemon(&ns, 1, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     let mut vmm = TestVmm::connect(&daemon.socket, RAM, 2, QUEUE_SIZE, negotiate(false))?;
     let mut rx = RxBuffers::default();
     rx.post(&mut vmm, 0, 2, 2048)?;
-    wait_for_log(&daemon, "pair 0: tap queue attached")?;
+    daemon.wait_for_log("pair 0: tap queue attached", TIMEOUT)?;
     let sent: Vec<Vec<u8>> = (0..12u16)
         .map(|n| udp_frame(GUEST_MAC, HOST_MAC, 7, 100 + usize::from(n)))
         .collect();
@@ -536,7 +419,7 @@ fn rx_waits_in_the_tap_when_the_guest_has_no_buffers() -> Result<()> {
         spent <= 10,
         "daemon spent {spent} ticks while the guest had no buffers"
     );
-    assert_eq!(ns.tap_counter("tx_dropped")?, 0);
+    assert_eq!(tap_counter(&ns, "tx_dropped")?, 0);
     rx.post(&mut vmm, 0, 16, 2048)?;
     let rest = collect_rx(&mut vmm, &rx, &[0], 10)?;
     let frames: Vec<Vec<u8>> = first.into_iter().chain(rest).map(|(_, _, f)| f).collect();
@@ -547,7 +430,7 @@ fn rx_waits_in_the_tap_when_the_guest_has_no_buffers() -> Result<()> {
 
 #[test]
 fn hostile_chains_are_dropped_and_the_daemon_keeps_serving() -> Result<()> {
-    let ns = Netns::new()?;
+    let ns = Netns::without_ipv6("vun-test")?;
     let mut daemon = start_daemon(&ns, 1, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     let mut vmm = TestVmm::connect(&daemon.socket, RAM, 2, QUEUE_SIZE, negotiate(false))?;
@@ -576,9 +459,9 @@ fn hostile_chains_are_dropped_and_the_daemon_keeps_serving() -> Result<()> {
     let bad_tiny = q.submit(ram, &[Buf::writable(tiny, 8)])?;
     // Then a 256-byte chain: a 1000-byte frame cannot fit it (dropped), a 100-byte one can.
     rx.post(&mut vmm, 0, 1, 256)?;
-    wait_for_log(&daemon, "pair 0: tap queue attached")?;
+    daemon.wait_for_log("pair 0: tap queue attached", TIMEOUT)?;
     sock.send(&udp_frame(GUEST_MAC, HOST_MAC, 6, 1000))?;
-    wait_for_log(&daemon, "larger than the guest's receive buffers")?;
+    daemon.wait_for_log("larger than the guest's receive buffers", TIMEOUT)?;
     let small = udp_frame(GUEST_MAC, HOST_MAC, 6, 100);
     sock.send(&small)?;
     let (ram, q) = vmm.queue(0);
@@ -619,15 +502,15 @@ fn hostile_chains_are_dropped_and_the_daemon_keeps_serving() -> Result<()> {
 #[test]
 fn receive_chains_held_for_a_frame_go_back_when_the_ring_stops() -> Result<()> {
     use vhost::VhostBackend;
-    let ns = Netns::new()?;
-    let daemon = start_daemon(&ns, 1, &[])?;
+    let ns = Netns::without_ipv6("vun-test")?;
+    let mut daemon = start_daemon(&ns, 1, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     let mut vmm = TestVmm::connect(&daemon.socket, RAM, 2, QUEUE_SIZE, negotiate(true))?;
     // One 256-byte buffer: with MRG_RXBUF the daemon takes it for a 1000-byte frame, then
     // waits for more (EVENT_IDX: it asks for a kick at the next buffer, avail_event = 1).
     let mut rx = RxBuffers::default();
     rx.post(&mut vmm, 0, 1, 256)?;
-    wait_for_log(&daemon, "pair 0: tap queue attached")?;
+    daemon.wait_for_log("pair 0: tap queue attached", TIMEOUT)?;
     sock.send(&udp_frame(GUEST_MAC, HOST_MAC, 6, 1000))?;
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -655,8 +538,8 @@ fn receive_chains_held_for_a_frame_go_back_when_the_ring_stops() -> Result<()> {
 
 #[test]
 fn disabled_pair_is_not_served() -> Result<()> {
-    let ns = Netns::new()?;
-    let daemon = start_daemon(&ns, 2, &[])?;
+    let ns = Netns::without_ipv6("vun-test")?;
+    let mut daemon = start_daemon(&ns, 2, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     // The guest uses one pair only: QEMU leaves the other pairs' rings disabled.
     let mut vmm = TestVmm::connect_unstarted(&daemon.socket, RAM, 4, negotiate(false))?;
@@ -666,7 +549,7 @@ fn disabled_pair_is_not_served() -> Result<()> {
     let mut rx = RxBuffers::default();
     rx.post(&mut vmm, 0, 64, 2048)?;
     rx.post(&mut vmm, 2, 64, 2048)?;
-    wait_for_log(&daemon, "pair 0: tap queue attached")?;
+    daemon.wait_for_log("pair 0: tap queue attached", TIMEOUT)?;
     // A disabled TX ring is not processed.
     let frame = udp_frame(HOST_MAC, GUEST_MAC, 1, 100);
     guest_send(&mut vmm, 3, &frame, false)?;
@@ -718,8 +601,8 @@ fn last_stat(output: &str, key: &str) -> Option<u64> {
 #[test]
 fn dpdk_testpmd_drives_the_daemon() -> Result<()> {
     let testpmd = testpmd();
-    let ns = Netns::new()?;
-    let daemon = start_daemon(&ns, 2, &[])?;
+    let ns = Netns::without_ipv6("vun-test")?;
+    let mut daemon = start_daemon(&ns, 2, &[])?;
     let sock = PacketSocket::open(&ns, TAP)?;
     let dir = tempfile::tempdir()?;
     let out_path = dir.path().join("testpmd.log");
@@ -763,19 +646,19 @@ fn dpdk_testpmd_drives_the_daemon() -> Result<()> {
         Ok(())
     };
     // Guest → tap.
-    let before = ns.tap_counter("rx_packets")?;
+    let before = tap_counter(&ns, "rx_packets")?;
     say("set fwd txonly")?;
     say("set txpkts 64")?;
     say("start")?;
     std::thread::sleep(Duration::from_secs(2));
     say("stop")?;
     std::thread::sleep(Duration::from_millis(500));
-    let on_tap = ns.tap_counter("rx_packets")? - before;
+    let on_tap = tap_counter(&ns, "rx_packets")? - before;
     // Tap → guest.
     say("clear port stats all")?;
     say("set fwd rxonly")?;
     say("start")?;
-    wait_for_log(&daemon, "pair 1: tap queue attached")?;
+    daemon.wait_for_log("pair 1: tap queue attached", TIMEOUT)?;
     std::thread::sleep(Duration::from_millis(500));
     for port in 0..100u16 {
         sock.send(&udp_frame(GUEST_MAC, HOST_MAC, 3000 + port, 200))?;

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use vhost_user_tests::blkio_client::{wait_one, Client};
 use vhost_user_tests::ceph::Cluster;
 use vhost_user_tests::*;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 
 const SIZE: u64 = 32 << 20;
 /// What the daemon logs once its image is open.
@@ -63,24 +64,17 @@ fn conformance(extra: &[&str], queues: i32) -> Result<()> {
         let len = rng.gen_range(1..=256usize) * 512;
         let offset = rng.gen_range(0..(SIZE as usize - len) / 512) * 512;
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-        client.copy_in(0, &data);
-        let buf = client.buf(0, len);
-        let q = &mut client.queues[i % nq];
-        q.write(offset as u64, buf, len, 0, ReqFlags::empty());
-        assert_eq!(wait_one(q)?, 0, "write of {len} at {offset}");
+        let ret = client.write_at(i % nq, offset as u64, 0, &data)?;
+        assert_eq!(ret, 0, "write of {len} at {offset}");
         model[offset..offset + len].copy_from_slice(&data);
-        let back = client.buf(1 << 20, len);
-        let q = &mut client.queues[i % nq];
-        q.read(offset as u64, back, len, 0, ReqFlags::empty());
-        assert_eq!(wait_one(q)?, 0, "read of {len} at {offset}");
+        let (ret, back) = client.read_at(i % nq, offset as u64, 1 << 20, len)?;
+        assert_eq!(ret, 0, "read of {len} at {offset}");
         assert!(
-            client.copy_out(1 << 20, len) == model[offset..offset + len],
+            back == model[offset..offset + len],
             "read after write at {offset}+{len} differs"
         );
     }
-    let q = &mut client.queues[0];
-    q.flush(0, ReqFlags::empty());
-    assert_eq!(wait_one(q)?, 0, "flush");
+    assert_eq!(client.flush()?, 0, "flush");
     // Discard (4 MiB, whole RADOS objects: they read back as zeroes), write-zeroes with and
     // without unmap, at unaligned object offsets.
     for (offset, len, how) in [
@@ -321,31 +315,18 @@ fn write_through_without_flush_survives_sigkill() -> Result<()> {
     };
     let mut vmm = TestVmm::connect(&daemon.socket, 64 << 20, 1, 64, no_flush)?;
     assert_eq!(vmm.acked_features & (1 << 9), 0, "FLUSH was negotiated");
-    let (header, payload, status) = (
-        vmm.ram.alloc(16, 16),
-        vmm.ram.alloc(65536, 4096),
-        vmm.ram.alloc(1, 1),
-    );
+    let payload = vmm.ram.alloc(65536, 4096);
     let mut model = vec![0u8; SIZE as usize];
     for (i, sector) in [0u64, 2048, 40000].into_iter().enumerate() {
-        let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&1u32.to_le_bytes());
-        h[8..].copy_from_slice(&sector.to_le_bytes());
-        vmm.ram.write(header, &h)?;
         let fill = 0x30 + i as u8;
         vmm.ram.write(payload, &[fill; 65536])?;
-        vmm.ram.write(status, &[0xee])?;
-        let (ram, q) = vmm.queue(0);
-        q.submit(
-            ram,
-            &[
-                Buf::readable(header, 16),
-                Buf::readable(payload, 65536),
-                Buf::writable(status, 1),
-            ],
+        let status = vmm.blk_request(
+            VIRTIO_BLK_T_OUT,
+            sector,
+            Buf::readable(payload, 65536),
+            Duration::from_secs(10),
         )?;
-        q.wait_used(ram, 1, Duration::from_secs(10))?;
-        assert_eq!(vmm.ram.read(status, 1)?[0], 0, "write {i} failed");
+        assert_eq!(status, 0, "write {i} failed");
         let at = (sector * 512) as usize;
         model[at..at + 65536].fill(fill);
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vhost_user_tests::netns::Netns;
 use vhost_user_tests::*;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 const RAM: u64 = 64 << 20;
 const T: Duration = Duration::from_secs(10);
@@ -71,36 +72,14 @@ fn terminates_cleanly(mut d: Daemon) -> Result<()> {
 fn blk_write_read(d: &Daemon) -> Result<()> {
     let mut vmm = TestVmm::connect(&d.socket, RAM, 1, 64, Negotiate::default())?;
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
-    for (kind, writable) in [(1u32, false), (0u32, true)] {
-        let header = vmm.ram.alloc(16, 16);
-        let buf = vmm.ram.alloc(4096, 512);
-        let status = vmm.ram.alloc(1, 1);
-        let mut bytes = [0u8; 16];
-        bytes[..4].copy_from_slice(&kind.to_le_bytes());
-        bytes[8..].copy_from_slice(&8u64.to_le_bytes());
-        vmm.ram.write(header, &bytes)?;
-        vmm.ram.write(status, &[0xee])?;
-        let data_buf = if writable {
-            Buf::writable(buf, 4096)
-        } else {
-            vmm.ram.write(buf, &data)?;
-            Buf::readable(buf, 4096)
-        };
-        let (ram, q) = vmm.queue(0);
-        q.submit(
-            ram,
-            &[
-                Buf::readable(header, 16),
-                data_buf,
-                Buf::writable(status, 1),
-            ],
-        )?;
-        q.wait_used(ram, 1, T)?;
-        assert_eq!(vmm.ram.read(status, 1)?, [0], "request {kind} status");
-        if writable {
-            assert!(vmm.ram.read(buf, 4096)? == data, "read back differs");
-        }
-    }
+    let buf = vmm.ram.alloc(4096, 512);
+    vmm.ram.write(buf, &data)?;
+    let status = vmm.blk_request(VIRTIO_BLK_T_OUT, 8, Buf::readable(buf, 4096), T)?;
+    assert_eq!(status, 0, "write status");
+    let back = vmm.ram.alloc(4096, 512);
+    let status = vmm.blk_request(VIRTIO_BLK_T_IN, 8, Buf::writable(back, 4096), T)?;
+    assert_eq!(status, 0, "read status");
+    assert!(vmm.ram.read(back, 4096)? == data, "read back differs");
     Ok(())
 }
 

@@ -80,6 +80,7 @@ fn expected() -> BTreeMap<&'static str, &'static str> {
         "console_run_writable",
         "net_connect",
         "net_run_writable",
+        "net_io_uring",
         "bad_fixed",
         "purge",
     ];

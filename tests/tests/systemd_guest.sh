@@ -137,6 +137,12 @@ say net_tap "$([ -d /sys/class/net/vhu-n0 ] && echo present || echo missing)"
 say net_user "$(stat -c %U /proc/$(mainpid $NET))"
 say net_caps "$(grep CapEff /proc/$(mainpid $NET)/status | cut -f2)"
 refuse net_run_writable nsenter -t "$(mainpid $NET)" -m touch /run/systemd/system/escape.service
+# Transmit batches go through io_uring: the unit's system call filter must let it be set up.
+if journalctl -u $NET -o cat | grep -q "io_uring unavailable"; then
+    say net_io_uring "fail: $(journalctl -u $NET -o cat | grep 'io_uring unavailable' | one_line)"
+else
+    say net_io_uring ok
+fi
 
 step security
 # systemd-analyze security, as the README quotes it.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use vhost_user_tests::guest::{Guest, GuestKernel};
 use vhost_user_tests::netns::{require_root, Background, Netns};
 use vhost_user_tests::qemu::{FioTerse, GuestOutput, Logs, Qemu, QemuVersion, Vm, VmConfig};
-use vhost_user_tests::{binary, Daemon, Result};
+use vhost_user_tests::{Daemon, Result};
 
 const NETNS_PREFIX: &str = "vudemo";
 const TAP: &str = "vudemo0";
@@ -137,13 +137,7 @@ fn run() -> Result<bool> {
     println!("==> Starting the daemons");
     let blk_args = ["--file", disk_arg.as_str(), "--num-queues", "2"];
     let blk = Daemon::start("vhost-user-blk", &blk_args)?;
-    let _keep_blk = logs.keep(&blk.log, "vhost-user-blk.log");
-    let blk_command = format!(
-        "{} --socket-path {} {}",
-        binary("vhost-user-blk").display(),
-        blk.socket.display(),
-        blk_args.join(" ")
-    );
+    let _keep_blk = logs.keep(&blk, "vhost-user-blk.log");
 
     let ns = Netns::new(NETNS_PREFIX)?;
     let pairs = PAIRS.to_string();
@@ -159,14 +153,7 @@ fn run() -> Result<bool> {
         host_cidr.as_str(),
     ];
     let net = Daemon::start_with_prefix(&ns.prefix(), "vhost-user-net", &net_args)?;
-    let _keep_net = logs.keep(&net.log, "vhost-user-net.log");
-    let net_command = format!(
-        "ip netns exec {} {} --socket-path {} {}",
-        ns.name,
-        binary("vhost-user-net").display(),
-        net.socket.display(),
-        net_args.join(" ")
-    );
+    let _keep_net = logs.keep(&net, "vhost-user-net.log");
     let mut servers: Vec<Background> = Vec::new();
     for i in 0..PAIRS {
         let port = (PORT + i).to_string();
@@ -187,13 +174,13 @@ fn run() -> Result<bool> {
         "  # the disk daemon: a {} GiB sparse file, 2 queues",
         DISK_SIZE >> 30
     );
-    println!("  {blk_command}");
+    println!("  {}", blk.command_line);
     println!(
         "  # the network daemon, in network namespace {} (tap {TAP}, host side {HOST_IP}/24)",
         ns.name
     );
     println!("  ip netns add {}", ns.name);
-    println!("  {net_command}");
+    println!("  {}", net.command_line);
     for i in 0..PAIRS {
         println!("  ip netns exec {} iperf3 -s -p {}", ns.name, PORT + i);
     }

@@ -16,39 +16,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vhost_user_tests::{Buf, Negotiate, Result, TestVmm};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 const RAM: u64 = 64 << 20;
 const WAIT: Duration = Duration::from_secs(30);
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
 const LEN: u32 = 4096;
-
-/// One virtio-blk request on queue 0; returns the status byte.
-fn request(vmm: &mut TestVmm, kind: u32, sector: u64, data: u64) -> Result<u8> {
-    let header = vmm.ram.alloc(16, 16);
-    let status = vmm.ram.alloc(1, 1);
-    let mut bytes = [0u8; 16];
-    bytes[..4].copy_from_slice(&kind.to_le_bytes());
-    bytes[8..].copy_from_slice(&sector.to_le_bytes());
-    vmm.ram.write(header, &bytes)?;
-    vmm.ram.write(status, &[0xee])?;
-    let data_buf = if kind == T_OUT {
-        Buf::readable(data, LEN)
-    } else {
-        Buf::writable(data, LEN)
-    };
-    let (ram, q) = vmm.queue(0);
-    q.submit(
-        ram,
-        &[
-            Buf::readable(header, 16),
-            data_buf,
-            Buf::writable(status, 1),
-        ],
-    )?;
-    q.wait_used(ram, 1, WAIT)?;
-    Ok(vmm.ram.read(status, 1)?[0])
-}
 
 fn blk(socket: &str, sector: u64, byte: u8) -> Result<()> {
     let mut vmm = TestVmm::connect(socket.as_ref(), RAM, 1, 64, Negotiate::default())?;
@@ -58,11 +30,11 @@ fn blk(socket: &str, sector: u64, byte: u8) -> Result<()> {
     let back = vmm.ram.alloc(u64::from(LEN), 4096);
     let pattern = vec![byte; LEN as usize];
     vmm.ram.write(out, &pattern)?;
-    let status = request(&mut vmm, T_OUT, sector, out)?;
+    let status = vmm.blk_request(VIRTIO_BLK_T_OUT, sector, Buf::readable(out, LEN), WAIT)?;
     if status != 0 {
         return Err(format!("write: status {status}").into());
     }
-    let status = request(&mut vmm, T_IN, sector, back)?;
+    let status = vmm.blk_request(VIRTIO_BLK_T_IN, sector, Buf::writable(back, LEN), WAIT)?;
     if status != 0 {
         return Err(format!("read: status {status}").into());
     }
