@@ -579,7 +579,7 @@ impl Ext4 {
         let image = dir.path().join("fs.img");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt)?;
-        File::create(&image)?.set_len(64 << 20)?;
+        File::create(&image)?.set_len(192 << 20)?;
         let image = image.to_string_lossy().into_owned();
         sh("mkfs.ext4", &["-q", "-F", &image])?;
         sh("mount", &["-o", "loop", &image, &mnt.to_string_lossy()])?;
@@ -762,7 +762,7 @@ fn qemu72_guest_fio_verify_on_rbd_survives_repeated_sigkill() -> Result<()> {
         "_rbd",
         &|| {
             let cluster = vhost_user_tests::ceph::Cluster::start()?;
-            let spec = cluster.create_image("inflight", 48 << 20)?;
+            let spec = cluster.create_image("inflight", GUEST_DISK_SIZE)?;
             let args = vec![
                 "--rbd".to_string(),
                 spec,
@@ -780,12 +780,15 @@ fn qemu72_guest_fio_verify_on_rbd_survives_repeated_sigkill() -> Result<()> {
     )
 }
 
-/// A 48 MiB O_DIRECT file on a loop-mounted ext4 (io_uring completes out of order there),
+/// The image [`guest_fio_verify_survives_repeated_sigkill`] serves (ext4 file or RBD image).
+const GUEST_DISK_SIZE: u64 = 128 << 20;
+
+/// A 128 MiB O_DIRECT file on a loop-mounted ext4 (io_uring completes out of order there),
 /// frozen around each kill so that the guest's writes are certainly in flight.
 fn ext4_disk() -> Result<DiskUnderTest> {
     let fs = Ext4::new()?;
     let disk = fs.mnt().join("disk.img");
-    File::create(&disk)?.set_len(48 << 20)?;
+    File::create(&disk)?.set_len(GUEST_DISK_SIZE)?;
     let args = vec![
         "--file".into(),
         disk.to_string_lossy().into_owned(),
@@ -818,7 +821,10 @@ fn guest_fio_verify_survives_repeated_sigkill(
 ) -> Result<()> {
     use vhost_user_tests::guest::Guest;
     use vhost_user_tests::qemu::{ensure, fio_verify_script, FioTerse, Logs, Qemu, Vm, VmConfig};
-    const FIO_SIZE: u64 = 32 << 20;
+    // The guest's job must outlast three kill rounds however fast the machine: each round lets
+    // about a second of I/O through, and 32 MiB (about two seconds of writes on an idle machine
+    // here) once ended before the last kill.
+    const FIO_SIZE: u64 = 96 << 20;
     const TIMEOUT: Duration = Duration::from_secs(300);
     let name = format!("inflight_{version:?}{variant}_guest_fio_verify_survives_repeated_sigkill");
     let logs = Logs::new(&name)?;
