@@ -148,9 +148,10 @@ impl Guest {
 }
 
 /// `<target>/e2e-guest`, from where the running executable lives (`<target>/<profile>/...`),
-/// or `$VHOST_E2E_CACHE`.
+/// or `$VHOST_E2E_CACHE` when set and not empty (an empty value would put the cache in the
+/// current directory, inside the source tree).
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VHOST_E2E_CACHE") {
+    if let Some(dir) = std::env::var_os("VHOST_E2E_CACHE").filter(|dir| !dir.is_empty()) {
         return PathBuf::from(dir);
     }
     target_dir().join("e2e-guest")
