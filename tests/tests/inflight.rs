@@ -869,9 +869,9 @@ fn guest_fio_verify_survives_repeated_sigkill(
                 }
                 None => None,
             };
-            old.child.kill()?; // SIGKILL, this PID only
-                               // The dying process exits only when its blocked writes return, before the next
-                               // daemon resubmits them.
+            // SIGKILL, this PID only. The dying process exits only when its blocked writes
+            // return, before the next daemon resubmits them.
+            old.child.kill()?;
             drop(frozen);
             old.child.wait()?;
             std::thread::sleep(Duration::from_millis(300));
